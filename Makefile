@@ -1,0 +1,40 @@
+# The two commands a newcomer needs: `make study` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+
+.PHONY: study test install install-dev ablations report lab mlflow-ui clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Re-install when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed
+
+study: install
+	$(BIN)/metastone-lab run experiments/quickstart.yaml
+
+test: install-dev
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+ablations: install
+	$(BIN)/python -m metastone_lab.ablations
+
+report: install
+	$(BIN)/metastone-lab report
+
+lab: install
+	$(BIN)/jupyter lab notebooks/
+
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --port 5000
+
+clean:
+	rm -rf runs/ .pytest_cache
