@@ -21,10 +21,10 @@ def _ensure_dir(path: Path) -> None:
             f"cannot create directory {str(path)!r}: a file is in the way; "
             f"remove it or choose another output/cache directory"
         ) from None
-    except PermissionError:
+    except OSError as e:
         raise MetastoneError(
-            f"directory {str(path)!r} is not writable; choose a writable output/cache "
-            f"directory (e.g. set METASTONE_LAB_CACHE)"
+            f"cannot create directory {str(path)!r} ({e.strerror or e}); it is not writable: "
+            f"choose a writable output/cache directory (e.g. set METASTONE_LAB_CACHE)"
         ) from None
     if not os.access(path, os.W_OK):
         raise MetastoneError(
@@ -37,7 +37,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to ``path``; on success it replaces ``path``."""
     path = Path(path)
     _ensure_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise MetastoneError(
+            f"cannot write {str(path)!r} ({e.strerror or e}); free disk space or choose "
+            f"another output/cache directory"
+        ) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -1,0 +1,110 @@
+"""Typed config loading: unknown keys, wrong types, nested configs, overrides."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import pytest
+
+from metastone_lab.config import check, flatten, from_dict, load_yaml, parse_override
+from metastone_lab.errors import ConfigError, UnknownNameError
+from metastone_lab.registry import Registry
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    r: int = 8
+
+
+@dataclass
+class Outer:
+    name: str = "x"
+    k: int = 8
+    mode: Literal["joint", "head_only"] = "joint"
+    inner: Inner = field(default_factory=Inner)
+    layers: list[int] = field(default_factory=lambda: [1, 2])
+    note: Optional[str] = None
+
+    def __post_init__(self):
+        check(self.k >= 1, f"k must be >= 1, got {self.k}; use k=1 for a single sample")
+
+
+def test_unknown_key_names_key_and_suggests():
+    with pytest.raises(ConfigError) as e:
+        from_dict(Outer, {"kk": 3})
+    assert "'kk'" in str(e.value) and "Did you mean 'k'" in str(e.value)
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match=r"Outer\.k: expected an integer, got str"):
+        from_dict(Outer, {"k": "eight"})
+
+
+def test_bool_is_not_an_int():
+    with pytest.raises(ConfigError, match="Outer.k"):
+        from_dict(Outer, {"k": True})
+
+
+def test_int_widens_to_float_and_nested_mapping():
+    cfg = from_dict(Outer, {"inner": {"lr": 1}})
+    assert cfg.inner.lr == 1.0 and isinstance(cfg.inner.lr, float)
+
+
+def test_nested_unknown_key_has_path():
+    with pytest.raises(ConfigError, match=r"Outer\.inner: unknown key 'rr'"):
+        from_dict(Outer, {"inner": {"rr": 1}})
+
+
+def test_literal_lists_choices():
+    with pytest.raises(ConfigError, match="head_only"):
+        from_dict(Outer, {"mode": "sft"})
+
+
+def test_range_check_in_post_init():
+    with pytest.raises(ConfigError, match="k must be >= 1"):
+        from_dict(Outer, {"k": 0})
+
+
+def test_list_items_are_checked():
+    with pytest.raises(ConfigError, match=r"Outer\.layers\[1\]"):
+        from_dict(Outer, {"layers": [1, "a"]})
+
+
+def test_optional_accepts_none():
+    assert from_dict(Outer, {"note": None}).note is None
+
+
+def test_flatten_uses_dotted_keys():
+    flat = flatten(from_dict(Outer, {}))
+    assert flat["inner.lr"] == 1e-3 and flat["k"] == 8
+
+
+def test_parse_override_reads_yaml_scalars():
+    assert parse_override("k=8") == ("k", 8)
+    assert parse_override("name=abc") == ("name", "abc")
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("k8")
+
+
+def test_load_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_yaml(tmp_path / "missing.yaml")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="empty"):
+        load_yaml(empty)
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"a: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="UTF-8"):
+        load_yaml(bad)
+
+
+def test_registry_unknown_name_lists_valid():
+    reg: Registry = Registry("widget")
+    reg.register("a")(1)
+    reg.register("b")(2)
+    with pytest.raises(UnknownNameError, match="unknown widget 'c'; choose one of: a, b"):
+        reg.get("c")
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("a")(3)
