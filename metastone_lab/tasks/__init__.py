@@ -1,0 +1,28 @@
+"""Tasks: problems with verifiable answers (and, for ``arith``, step labels).
+
+>>> task = get_task("arith", n_ops_max=3)
+>>> p = task.problems("test", 1)[0]
+>>> task.is_correct(p.solution, p), task.first_wrong_step(p.solution, p)
+(True, -1)
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..registry import Registry
+from .arith import ArithConfig, ArithTask
+from .base import SPLITS, Problem, Task
+from .jsonl import JsonlConfig, JsonlTask
+
+TASKS: Registry[Callable[..., Task]] = Registry("task")
+TASKS.register("arith")(ArithTask)
+TASKS.register("jsonl")(JsonlTask)
+
+
+def get_task(name: str, **options: Any) -> Task:
+    """Build task ``name`` with its config options (unknown keys -> ConfigError)."""
+    return TASKS.get(name)(**options)
+
+
+__all__ = ["TASKS", "get_task", "Task", "Problem", "SPLITS", "ArithTask", "ArithConfig",
+           "JsonlTask", "JsonlConfig"]
