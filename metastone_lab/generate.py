@@ -1,0 +1,646 @@
+"""Best-of-N generation with SPRM step scores computed **during** generation.
+
+The reference scores each finished trajectory with a second forward pass
+(method.md §6). Here the backbone is shared, so the hidden states the SPRM head
+needs are already computed while decoding:
+
+1. The prompt is prefilled **once** (batch 1); its KV cache is copied and
+   expanded to the rows of each chunk (``DynamicCache.batch_repeat_interleave``).
+2. k samples are decoded in chunks of ``chunk_size`` rows (bounded memory) with
+   temperature / top-p sampling; a row stops at EOS and is then dropped from the
+   cache (``batch_select_indices``), so finished rows cost nothing.
+3. Every forward runs with ``output_hidden_states=True`` and the head is applied
+   to the configured feature layer **at every new position** (a (rows, C) x (C, 2C)
+   matmul per step). The per-row head logits of all positions form a small
+   (rows, L) float tensor; prompt positions come from the prefill.
+4. At the end the step mask is computed on the full token sequences with
+   :func:`metastone_lab.steps.step_mask` (``span="inference"``) and the logits
+   are read where it is True. With the reference rule (``read_at=
+   "before_step_token"``) the score of step token ``t_j`` is the head at
+   position ``j-1``, i.e. the hidden state computed when ``t_{j-1}`` was fed -
+   it was kept, so no look-ahead or second pass is needed. Read modes that need
+   the hidden state of the final token feed it once more (one extra step).
+
+:func:`reforward_scores` is the reference method (one forward over each finished
+sequence + step mask); the equivalence test checks both agree within 1e-4.
+
+Conventions: ``Trajectory.token_ids`` are the generated ids (EOS included when
+emitted); ``step_positions`` index the full sequence ``prompt_ids + token_ids``
+(``prompt_len`` is stored to convert); ``step_scores = sigmoid(logit)``.
+Trajectory scores follow :func:`metastone_lab.scoring.aggregate` (a zero-step
+trajectory scores 0.0, never NaN). A trajectory that hits ``max_new_tokens``
+without an extractable answer is incorrect (the task says so) and counted in
+``ProblemSamples.n_max_tokens_no_answer``.
+
+An optional vLLM backend (:func:`generate_best_of_n_vllm`) samples with vLLM and
+scores with a batched re-forward through the shared backbone (GPU scale-out;
+``pip install 'metastone-lab[vllm]'``).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from .config import check, from_dict
+from .errors import ConfigError, ShapeError
+from .registry import Registry
+
+DEFAULT_EFFORT_MAP = {"low": 2, "medium": 8, "high": 32}
+
+
+# ------------------------------------------------------------------------ config
+@dataclass
+class GenerateConfig:
+    """Best-of-N sampling and in-flight scoring.
+
+    ``k`` samples per problem (or ``effort`` in ``effort_map``: low/medium/high =
+    2/8/32 by default; giving both with different values is an error).
+    ``temperature <= 0`` is greedy (all k samples identical: warned when k > 1).
+    ``chunk_size`` rows are decoded at once (0 = all k). ``segmenter`` /
+    ``segmenter_options`` / ``read_at`` / ``span`` go to ``steps.step_mask``.
+    ``aggregators``: trajectory scores to compute (None = all of
+    ``scoring.AGGREGATORS``). ``score``: False disables in-flight scoring
+    (benchmark baseline). ``ignore_eos``: always decode ``max_new_tokens``
+    (benchmarks).
+    """
+
+    k: int | None = None
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    chunk_size: int = 32
+    segmenter: str = "reference"
+    segmenter_options: dict = field(default_factory=dict)
+    read_at: str = "before_step_token"
+    span: str = "inference"
+    aggregators: list[str] | None = None
+    seed: int = 0
+    effort: str | None = None
+    effort_map: dict = field(default_factory=lambda: dict(DEFAULT_EFFORT_MAP))
+    score: bool = True
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.effort is not None:
+            check(self.effort in self.effort_map,
+                  f"GenerateConfig.effort: {self.effort!r} is not in effort_map "
+                  f"{sorted(self.effort_map)}; choose one of them or add it to effort_map")
+            mapped = self.effort_map[self.effort]
+            check(isinstance(mapped, int) and not isinstance(mapped, bool),
+                  f"GenerateConfig.effort_map[{self.effort!r}] must be an int, got {mapped!r}")
+            check(self.k is None or self.k == mapped,
+                  f"GenerateConfig: k={self.k} contradicts effort={self.effort!r} "
+                  f"(= k {mapped}); give only one of k and effort")
+            self.k = mapped
+        if self.k is None:
+            self.k = 8
+        check(self.k >= 1, f"GenerateConfig.k must be >= 1, got {self.k}; use k=1 for a single sample")
+        check(self.max_new_tokens >= 1,
+              f"GenerateConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        check(0.0 < self.top_p <= 1.0, f"GenerateConfig.top_p must be in (0, 1], got {self.top_p}")
+        check(self.chunk_size >= 0,
+              f"GenerateConfig.chunk_size must be >= 0 (0 = all k at once), got {self.chunk_size}")
+        check(self.span in ("inference", "train"),
+              f"GenerateConfig.span must be 'inference' or 'train', got {self.span!r}")
+        if self.temperature <= 0 and self.k > 1:
+            warnings.warn(
+                f"GenerateConfig: temperature={self.temperature} <= 0 is greedy decoding, so all "
+                f"k={self.k} samples are identical; set temperature > 0 (e.g. 0.6) for best-of-N",
+                UserWarning, stacklevel=3,
+            )
+
+    @property
+    def rows_per_chunk(self) -> int:
+        return self.k if self.chunk_size == 0 else min(self.chunk_size, self.k)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "GenerateConfig":
+        return from_dict(cls, data)
+
+
+# -------------------------------------------------------------------- results
+@dataclass
+class Trajectory:
+    """One sampled response. ``token_ids`` generated ids; ``step_positions`` into
+    ``prompt_ids + token_ids``; ``step_scores`` sigmoid of the head logit there;
+    ``scores`` {aggregator: float in [0, 1]}."""
+
+    text: str
+    token_ids: list[int]
+    step_positions: list[int]
+    step_scores: list[float]
+    scores: dict[str, float]
+    answer: str | None
+    correct: bool
+    first_wrong_step: int | None
+    n_steps: int
+    hit_max_tokens: bool
+    prompt_len: int = 0
+
+
+@dataclass
+class ProblemSamples:
+    """The k trajectories of one problem, plus timing (seconds)."""
+
+    problem: Any
+    trajectories: list[Trajectory]
+    gen_seconds: float = 0.0
+
+    @property
+    def n_max_tokens_no_answer(self) -> int:
+        return sum(1 for t in self.trajectories if t.hit_max_tokens and t.answer is None)
+
+
+# ------------------------------------------------------------------- sampling
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Sample token ids (R,) from next-token ``logits`` (R, V).
+
+    ``temperature <= 0`` is argmax. Top-p keeps the smallest set of tokens whose
+    probability mass reaches ``top_p`` (the top token always kept).
+    """
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sp, si = probs.sort(dim=-1, descending=True)
+        drop = (sp.cumsum(-1) - sp) >= top_p
+        sp = sp.masked_fill(drop, 0.0)
+        choice = torch.multinomial(sp, 1, generator=generator)
+        return si.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for src in (getattr(tokenizer, "eos_token_id", None),
+                getattr(getattr(_backbone(model), "generation_config", None), "eos_token_id", None)):
+        if src is None:
+            continue
+        ids.update([src] if isinstance(src, int) else list(src))
+    return ids
+
+
+def _pad_id(tokenizer: Any, eos: set[int]) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = min(eos) if eos else 0
+    return int(pad)
+
+
+def _backbone(model: Any) -> Any:
+    return getattr(model, "backbone", model)
+
+
+def _context_len(model: Any) -> int | None:
+    from .sprm import backbone_config
+
+    return getattr(backbone_config(_backbone(model)), "max_position_embeddings", None)
+
+
+def _encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+def _cache_kw(backbone: Any) -> str:
+    """Name of the KV-cache argument: ``cache`` (transformers >= 5.2x) or the older
+    ``past_key_values`` (inspected on the base model, through a peft wrapper)."""
+    import inspect
+
+    base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _out_cache(out: Any) -> Any:
+    """The KV cache of a model output (``cache`` or legacy ``past_key_values``)."""
+    if isinstance(out, dict) and "cache" in out.keys():
+        return out["cache"]
+    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+
+def _device(model: Any) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+# -------------------------------------------------------------- core decoding
+@dataclass
+class _Chunk:
+    """Decoded rows of one chunk: ``ids`` (R, P+T) padded; ``lengths`` (R,) full
+    lengths; ``head`` (R, P+T) head logits (NaN where not computed); ``hit_max`` (R,)."""
+
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    head: torch.Tensor | None
+    hit_max: torch.Tensor
+
+
+def _needs_last_hidden(read_at: str) -> bool:
+    return read_at != "before_step_token"
+
+
+@torch.inference_mode()
+def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
+                  eos: set[int], pad_id: int, generator: torch.Generator | None = None,
+                  ) -> list[_Chunk]:
+    """Prefill ``prompt_ids`` once, then decode ``cfg.k`` rows in chunks.
+
+    ``model`` is a :class:`~metastone_lab.sprm.ReflectiveModel` (or a bare causal
+    LM when ``cfg.score`` is False). Returns one :class:`_Chunk` per chunk.
+    """
+    backbone = _backbone(model)
+    device = _device(backbone)
+    score = cfg.score
+    P = len(prompt_ids)
+    T = cfg.max_new_tokens
+    feed_last = score and _needs_last_hidden(cfg.read_at)
+    prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    cache_kw = _cache_kw(backbone)
+    out = backbone(input_ids=prompt, use_cache=True, output_hidden_states=score,
+                   logits_to_keep=1)
+    prefill_cache = _out_cache(out)
+    prefill_logits = out.logits[:, -1, :]                      # (1, V)
+    prefill_head = model.head_logits_from_hidden(out.hidden_states)[0] if score else None  # (P,)
+    del out
+
+    chunks: list[_Chunk] = []
+    remaining = cfg.k
+    while remaining > 0:
+        R = min(cfg.rows_per_chunk, remaining)
+        remaining -= R
+        cache = copy.deepcopy(prefill_cache)
+        cache.batch_repeat_interleave(R)
+        ids = torch.full((R, P + T), pad_id, dtype=torch.long, device=device)
+        ids[:, :P] = prompt
+        head = None
+        if score:
+            head = torch.full((R, P + T), float("nan"), dtype=torch.float32, device=device)
+            head[:, :P] = prefill_head
+        lengths = torch.full((R,), P + T, dtype=torch.long, device=device)
+        hit_max = torch.ones(R, dtype=torch.bool, device=device)
+        rows = torch.arange(R, device=device)        # chunk row of each cache row
+        logits = prefill_logits.expand(R, -1)
+        eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=device) if eos else None
+        for t in range(T):
+            nxt = sample_next(logits, cfg.temperature, cfg.top_p, generator)   # (rows,)
+            ids[rows, P + t] = nxt
+            if eos_t is not None and not cfg.ignore_eos:
+                done = torch.isin(nxt, eos_t)
+            else:
+                done = torch.zeros_like(nxt, dtype=torch.bool)
+            if done.any():
+                lengths[rows[done]] = P + t + 1
+                hit_max[rows[done]] = False
+            last = t == T - 1
+            if last and not feed_last:
+                break
+            # rows to feed: unfinished ones (+ finished ones once more if their
+            # final token's hidden state is needed by the read mode)
+            keep = torch.ones_like(done) if feed_last else ~done
+            if last:
+                keep = torch.ones_like(done)
+            if not keep.any():
+                break
+            if not keep.all():
+                cache.batch_select_indices(keep.nonzero().squeeze(-1))
+                rows, nxt = rows[keep], nxt[keep]
+                done = done[keep]
+            out = backbone(input_ids=nxt[:, None], use_cache=True, output_hidden_states=score,
+                           **{cache_kw: cache})
+            if score:
+                head[rows, P + t] = model.head_logits_from_hidden(out.hidden_states)[:, -1]
+            if last:
+                break
+            logits = out.logits[:, -1, :]
+            cache = _out_cache(out)
+            if feed_last and done.any():           # fed their final token; drop them now
+                keep = ~done
+                if not keep.any():
+                    break
+                cache.batch_select_indices(keep.nonzero().squeeze(-1))
+                rows, logits = rows[keep], logits[keep]
+            del out
+        Lmax = int(lengths.max())
+        chunks.append(_Chunk(ids=ids[:, :Lmax], lengths=lengths,
+                             head=None if head is None else head[:, :Lmax], hit_max=hit_max))
+    return chunks
+
+
+# ----------------------------------------------------------------- step reading
+def _step_mask(ids: torch.Tensor, lengths: torch.Tensor, tokenizer: Any, cfg: GenerateConfig,
+               prompt_len: int | None) -> torch.Tensor:
+    """(R, L) bool step mask of right-padded ``ids`` with the configured segmenter."""
+    from .steps import step_mask
+
+    L = ids.shape[1]
+    attn = (torch.arange(L, device=ids.device)[None, :] < lengths[:, None]).long()
+    kw = dict(cfg.segmenter_options)
+    if prompt_len is not None:
+        kw["response_start"] = prompt_len
+    mask = step_mask(ids, tokenizer, cfg.segmenter, span=cfg.span, read_at=cfg.read_at,
+                     attention_mask=attn, **kw)
+    return mask.bool() & attn.bool()
+
+
+def _aggregators(cfg: GenerateConfig) -> list[str]:
+    from . import scoring
+
+    names = cfg.aggregators if cfg.aggregators is not None else scoring.AGGREGATORS.names()
+    for n in names:
+        scoring.AGGREGATORS.get(n)   # clear UnknownNameError listing the valid ones
+    return list(names)
+
+
+def _trajectory_scores(head: torch.Tensor, mask: torch.Tensor,
+                       aggregators: Sequence[str]) -> dict[str, torch.Tensor]:
+    from . import scoring
+
+    logits = torch.nan_to_num(head, nan=0.0)
+    return {a: scoring.aggregate(logits, mask, method=a) for a in aggregators}
+
+
+def _build_trajectories(chunk: _Chunk, mask: torch.Tensor | None, prompt_len: int,
+                        tokenizer: Any, problem: Any, task: Any, eos: set[int], pad_id: int,
+                        aggregators: Sequence[str], read_at: str = "") -> list[Trajectory]:
+    scores = _trajectory_scores(chunk.head, mask, aggregators) if mask is not None else {}
+    if mask is not None and chunk.head is not None:
+        read = chunk.head.masked_fill(~mask, 0.0)
+        bad = torch.isnan(read).any(dim=1)
+        if bad.any():
+            raise RuntimeError(
+                "in-flight scoring read a position whose hidden state was not computed; "
+                f"read_at={read_at!r} (please report this bug)")
+    out = []
+    skip = set(eos) | {pad_id}
+    for r in range(chunk.ids.shape[0]):
+        L = int(chunk.lengths[r])
+        gen = chunk.ids[r, prompt_len:L].tolist()
+        text = tokenizer.decode([i for i in gen if i not in skip], skip_special_tokens=False)
+        if mask is not None:
+            pos = mask[r].nonzero().squeeze(-1)
+            step_pos = pos.tolist()
+            step_scores = torch.sigmoid(chunk.head[r, pos]).tolist()
+            traj_scores = {a: float(v[r]) for a, v in scores.items()}
+        else:
+            step_pos, step_scores, traj_scores = [], [], {}
+        answer = task.extract_answer(text) if task is not None else None
+        correct = bool(task.is_correct(text, problem)) if task is not None else False
+        fws = task.first_wrong_step(text, problem) if task is not None else None
+        out.append(Trajectory(
+            text=text, token_ids=gen, step_positions=step_pos, step_scores=step_scores,
+            scores=traj_scores, answer=answer, correct=correct, first_wrong_step=fws,
+            n_steps=len(step_pos), hit_max_tokens=bool(chunk.hit_max[r]), prompt_len=prompt_len,
+        ))
+    return out
+
+
+def _check_context(model: Any, prompt_len: int, cfg: GenerateConfig, pid: Any) -> None:
+    ctx = _context_len(model)
+    if ctx is None:
+        return
+    if prompt_len > ctx:
+        raise ShapeError(
+            f"problem {pid!r}: the prompt is {prompt_len} tokens but the model context "
+            f"(max_position_embeddings) is {ctx}; shorten the prompt or use a longer-context backbone"
+        )
+    if prompt_len + cfg.max_new_tokens > ctx:
+        warnings.warn(
+            f"problem {pid!r}: prompt {prompt_len} + max_new_tokens {cfg.max_new_tokens} exceeds "
+            f"the model context {ctx}; positions past {ctx} are extrapolated",
+            UserWarning, stacklevel=3,
+        )
+
+
+# ------------------------------------------------------------------ public API
+def generate_best_of_n(model: Any, tokenizer: Any, problems: Sequence[Any], task: Any,
+                       cfg: GenerateConfig | dict | None = None) -> list[ProblemSamples]:
+    """Sample ``cfg.k`` trajectories per problem and score their steps in flight.
+
+    ``model``: a :class:`~metastone_lab.sprm.ReflectiveModel` (its head is applied
+    to ``model.feature_layer``). ``problems``: objects with ``prompt`` (and ``id``);
+    ``task``: judges text (``extract_answer``, ``is_correct``, ``first_wrong_step``)
+    or None. The model is put in eval mode (dropout off) for the call and restored.
+    """
+    if cfg is None or isinstance(cfg, dict):
+        cfg = from_dict(GenerateConfig, cfg or {})
+    if cfg.score and not hasattr(model, "head_logits_from_hidden"):
+        raise ConfigError(
+            f"generate_best_of_n: scoring needs a ReflectiveModel (got {type(model).__name__}); "
+            f"wrap the backbone with metastone_lab.sprm.ReflectiveModel or set score=False"
+        )
+    aggs = _aggregators(cfg) if cfg.score else []
+    eos = _eos_ids(model, tokenizer)
+    pad_id = _pad_id(tokenizer, eos)
+    was_training = model.training
+    model.eval()
+    results = []
+    try:
+        for pi, problem in enumerate(problems):
+            prompt_ids = _encode_prompt(tokenizer, problem.prompt)
+            _check_context(model, len(prompt_ids), cfg, getattr(problem, "id", pi))
+            gen = torch.Generator(device="cpu").manual_seed(int(cfg.seed) * 1_000_003 + pi)
+            t0 = time.perf_counter()
+            chunks = decode_chunks(model, prompt_ids, cfg, eos=eos, pad_id=pad_id, generator=gen)
+            seconds = time.perf_counter() - t0
+            trajs: list[Trajectory] = []
+            for ch in chunks:
+                mask = _step_mask(ch.ids, ch.lengths, tokenizer, cfg, len(prompt_ids)) \
+                    if cfg.score else None
+                trajs += _build_trajectories(ch, mask, len(prompt_ids), tokenizer, problem, task,
+                                             eos, pad_id, aggs, cfg.read_at)
+            results.append(ProblemSamples(problem=problem, trajectories=trajs,
+                                          gen_seconds=seconds))
+    finally:
+        model.train(was_training)
+    return results
+
+
+@torch.inference_mode()
+def reforward_scores(model: Any, tokenizer: Any, sequences: Sequence[Sequence[int]], *,
+                     segmenter: str = "reference", read_at: str = "before_step_token",
+                     span: str = "inference", segmenter_options: dict | None = None,
+                     prompt_lens: Sequence[int] | None = None, batch_size: int = 32,
+                     pad_id: int | None = None) -> list[dict[str, list]]:
+    """The reference scoring method: one forward over each finished sequence.
+
+    ``sequences`` are full token id lists (prompt + response). Sequences are
+    right-padded into batches of ``batch_size``; the step mask is computed with
+    :func:`metastone_lab.steps.step_mask` and the head logits read where it is
+    True. Returns per sequence ``{"positions": [...], "logits": [...], "scores": [...]}``.
+    """
+    cfg = GenerateConfig(k=1, segmenter=segmenter, read_at=read_at, span=span,
+                         segmenter_options=dict(segmenter_options or {}))
+    if pad_id is None:
+        pad_id = _pad_id(tokenizer, _eos_ids(model, tokenizer))
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    out: list[dict[str, list]] = []
+    try:
+        for b in range(0, len(sequences), batch_size):
+            batch = [list(s) for s in sequences[b:b + batch_size]]
+            lens = torch.tensor([len(s) for s in batch], device=device)
+            L = int(lens.max())
+            ids = torch.full((len(batch), L), pad_id, dtype=torch.long, device=device)
+            for i, s in enumerate(batch):
+                ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+            attn = (torch.arange(L, device=device)[None, :] < lens[:, None]).long()
+            res = model(ids, attention_mask=attn)
+            plen = None
+            if prompt_lens is not None:
+                pl = set(prompt_lens[b:b + batch_size])
+                if len(pl) != 1:
+                    # mixed prompt lengths: compute the mask per sequence
+                    masks = [
+                        _step_mask(ids[i:i + 1], lens[i:i + 1], tokenizer, cfg, prompt_lens[b + i])[0]
+                        for i in range(len(batch))
+                    ]
+                    mask = torch.stack(masks)
+                else:
+                    plen = pl.pop()
+                    mask = _step_mask(ids, lens, tokenizer, cfg, plen)
+            else:
+                mask = _step_mask(ids, lens, tokenizer, cfg, None)
+            for i in range(len(batch)):
+                pos = mask[i].nonzero().squeeze(-1)
+                lg = res.step_logits[i, pos].float()
+                out.append({"positions": pos.tolist(), "logits": lg.tolist(),
+                            "scores": torch.sigmoid(lg).tolist()})
+    finally:
+        model.train(was_training)
+    return out
+
+
+# ---------------------------------------------------------------- evaluation
+def evaluate(samples: Sequence[ProblemSamples], *, aggregator: str = "geometric",
+             selectors: Sequence[str] | None = None, ks: Sequence[int] | None = None,
+             val_samples: Sequence[ProblemSamples] | None = None, n_boot: int = 1000,
+             seed: int = 0, log: bool = True, table_name: str = "bon_eval.json"):
+    """Metric tables for best-of-N samples (tidy DataFrame, ``metrics.TABLE_COLUMNS``).
+
+    Rows: accuracy of every selector at every k (reference grouping + bootstrap
+    CI, plus unbiased ``pass@k``), trajectory AUROC / ECE for every aggregator,
+    the count of max-token trajectories without an answer and, when
+    ``val_samples`` carry step labels, ProcessBench step F1 (threshold chosen on
+    ``val_samples``, reported on ``samples``). If ``metastone_lab.tracking`` is
+    importable and ``log``, the table goes to ``tracking.active().log_table``.
+    """
+    import pandas as pd
+
+    from . import metrics
+    from .select import SELECTORS
+
+    names = list(selectors) if selectors is not None else SELECTORS.names()
+    sel = {n: SELECTORS.get(n) for n in names}
+    groups = [s.trajectories for s in samples]
+    aggs = sorted(groups[0][0].scores) if groups and groups[0] else []
+    parts = [metrics.accuracy_vs_k(groups, sel, ks, aggregator=aggregator, n_boot=n_boot,
+                                   seed=seed)]
+    if aggs:
+        parts.append(metrics.trajectory_metrics(groups, aggs, n_boot=n_boot, seed=seed))
+    if val_samples is not None:
+        def flat(ss):
+            ts = [t for s in ss for t in s.trajectories if t.first_wrong_step is not None]
+            return [t.step_scores for t in ts], [t.first_wrong_step for t in ts]
+        vs, vl = flat(val_samples)
+        ts_, tl = flat(samples)
+        if vl and tl:
+            parts.append(metrics.step_f1_table(vs, vl, ts_, tl))
+    table = pd.concat(parts, ignore_index=True)
+    if log:
+        _log_table(table, table_name)
+    return table
+
+
+def _log_table(table: Any, name: str) -> None:
+    try:
+        from . import tracking
+    except ImportError:
+        return
+    tracker = tracking.active()
+    if tracker is not None and hasattr(tracker, "log_table"):
+        tracker.log_table(table, name)
+
+
+# ------------------------------------------------------------------- backends
+BACKENDS: Registry = Registry("generation backend")
+BACKENDS.register("native")(generate_best_of_n)
+
+
+@BACKENDS.register("vllm")
+def generate_best_of_n_vllm(model: Any, tokenizer: Any, problems: Sequence[Any], task: Any,
+                            cfg: GenerateConfig | dict | None = None, *, model_path: str | None = None,
+                            llm: Any = None, score_batch_size: int = 32,
+                            **llm_kwargs: Any) -> list[ProblemSamples]:
+    """GPU scale-out: sample with vLLM, score with a batched re-forward.
+
+    vLLM cannot expose the hidden states of sampled tokens, so step scores come
+    from :func:`reforward_scores` through ``model`` (the shared backbone + head;
+    the reference's two-pass method, batched). ``llm``: an existing
+    ``vllm.LLM``; otherwise one is built from ``model_path`` (a local HF
+    directory holding the same weights as ``model``). Install with
+    ``pip install 'metastone-lab[vllm]'`` (Linux + CUDA). Not used on CPU.
+    """
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "the 'vllm' generation backend needs the vllm package, which is not installed; "
+            "install it on a CUDA machine with pip install 'metastone-lab[vllm]', or use the "
+            "'native' backend (generate_best_of_n)"
+        ) from None
+    if cfg is None or isinstance(cfg, dict):
+        cfg = from_dict(GenerateConfig, cfg or {})
+    if llm is None:
+        if model_path is None:
+            raise ConfigError("vllm backend: pass llm=vllm.LLM(...) or model_path=<local HF dir>")
+        llm = vllm.LLM(model=str(model_path), seed=cfg.seed, **llm_kwargs)
+    params = vllm.SamplingParams(n=cfg.k, temperature=max(cfg.temperature, 0.0), top_p=cfg.top_p,
+                                 max_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                                 ignore_eos=cfg.ignore_eos)
+    prompts = [_encode_prompt(tokenizer, p.prompt) for p in problems]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    eos = _eos_ids(model, tokenizer)
+    pad_id = _pad_id(tokenizer, eos)
+    aggs = _aggregators(cfg)
+    results = []
+    for problem, pids, ro in zip(problems, prompts, outs):
+        seqs = [list(pids) + list(c.token_ids) for c in ro.outputs]
+        P = len(pids)
+        L = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s)
+        lengths = torch.tensor([len(s) for s in seqs])
+        rf = reforward_scores(model, tokenizer, seqs, segmenter=cfg.segmenter, read_at=cfg.read_at,
+                              span=cfg.span, segmenter_options=cfg.segmenter_options,
+                              prompt_lens=[P] * len(seqs), batch_size=score_batch_size,
+                              pad_id=pad_id)
+        head = torch.zeros(len(seqs), L)
+        mask = torch.zeros(len(seqs), L, dtype=torch.bool)
+        for i, r in enumerate(rf):
+            head[i, r["positions"]] = torch.tensor(r["logits"])
+            mask[i, r["positions"]] = True
+        hit = torch.tensor([c.finish_reason == "length" for c in ro.outputs])
+        ch = _Chunk(ids=ids, lengths=lengths, head=head, hit_max=hit)
+        results.append(ProblemSamples(problem, _build_trajectories(
+            ch, mask, P, tokenizer, problem, task, eos, pad_id, aggs)))
+    return results
+
+
+__all__ = [
+    "GenerateConfig", "Trajectory", "ProblemSamples", "generate_best_of_n", "reforward_scores",
+    "evaluate", "sample_next", "decode_chunks", "BACKENDS", "generate_best_of_n_vllm",
+    "DEFAULT_EFFORT_MAP",
+]
