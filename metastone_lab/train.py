@@ -1,0 +1,63 @@
+"""``metastone-lab train``: reflective training from a YAML config.
+
+Public names (architecture contract): :class:`TrainConfig`, :func:`train`
+(-> :class:`TrainResult`), :func:`cli_main`. The implementation lives in
+:mod:`metastone_lab.training`.
+
+Usage::
+
+    metastone-lab train --config experiments/train.yaml [--set steps=50 ...] [--resume]
+    python -m metastone_lab.train --config cfg.yaml
+    accelerate launch --cpu --num_processes 2 -m metastone_lab.train --config cfg.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .config import from_dict, load_yaml, parse_override
+from .training.config import TrainConfig
+from .training.trainer import TrainResult, Trainer, train
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "train", "cli_main", "load_config"]
+
+
+def load_config(path: str | None, overrides: list[str] = (), resume: bool = False) -> TrainConfig:
+    data: dict[str, Any] = load_yaml(path) if path else {}
+    for item in overrides:
+        k, v = parse_override(item)
+        data[k] = v
+    if resume:
+        data["resume"] = True
+    return from_dict(TrainConfig, data)
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="metastone-lab train", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", help="YAML file with TrainConfig keys")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key (repeatable)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from the last complete checkpoint in output_dir")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.set, args.resume)
+    res = train(cfg)
+    summary = {"output_dir": str(res.output_dir), "steps_done": res.steps_done,
+               "start_step": res.start_step, "aha_onset_step": res.aha_onset_step,
+               "checkpoint": str(res.checkpoint) if res.checkpoint else None,
+               "param_counts": res.param_counts,
+               "last": {k: v for k, v in res.last_metrics.items() if isinstance(v, (int, float))}}
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from .errors import MetastoneError
+
+    try:
+        sys.exit(cli_main())
+    except MetastoneError as e:
+        print(f"metastone-lab train: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,574 @@
+"""The reflective trainer: GRPO on LoRA adapters + the SPR loss on the SPRM
+head, from ONE forward pass, with separate AdamW optimisers (method.md §4-5).
+
+One :meth:`Trainer.update` on a :class:`RolloutBatch` (mode ``joint``)::
+
+    out   = ReflectiveModel(ids)                    # logits (B,L,V), step_logits (B,L)
+    logp  = log p(response tokens)                  # (B, L-1)
+    L_pg  = clipped surrogate(logp, logp_old, A)    # token-level mean (global count)
+    L_kl  = kl_coef * k3(logp, logp_ref)            # ref = same peft model, adapters disabled
+    L_spr = LOSSES[cfg.loss](step_logits, step_mask, outcome)
+    (L_pg + L_kl + L_spr).backward(); policy_opt.step(); head_opt.step()
+
+The head sees ``f*grad_scale + f.detach()*(1-grad_scale)`` (inside
+``ReflectiveModel``), so it learns at full rate while the backbone is barely
+pulled. Under ``accelerate launch`` the model is DDP-wrapped; token means are
+normalised by the all-reduced token count so the DP step equals the
+single-process step on the same global batch.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, ConfigError
+from . import checkpoint as ckpt_mod
+from .aha import AhaDetector
+from .config import TrainConfig
+from .grpo import clipped_surrogate, k3_kl, masked_token_mean, token_logprobs
+from .metrics_log import JsonlLog
+from .rollout import RolloutBatch, pack, rollout
+
+LOG_NAME = "metrics.jsonl"
+AHA_TAG = "metastone.aha_onset_step"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps_done: int
+    start_step: int                      # 0 for a fresh run, the checkpoint step on resume
+    last_metrics: dict[str, Any]
+    evals: list[dict[str, Any]]
+    aha_onset_step: int | None
+    checkpoint: Path | None
+    param_counts: dict[str, int]
+    no_step_batches: int
+    log_path: Path = field(default_factory=Path)
+
+
+def load_backbone(spec: str) -> tuple[Any, Any]:
+    """``backbones.load_backbone`` (tiny / smollm2 / local dir / hub id)."""
+    try:
+        from ..backbones import load_backbone as lb
+    except ImportError:  # pragma: no cover - backbones package not installed yet
+        if not Path(spec).is_dir():
+            raise
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        return AutoModelForCausalLM.from_pretrained(spec), AutoTokenizer.from_pretrained(spec)
+    return lb(spec)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def count(params) -> int:
+    return int(sum(p.numel() for p in params))
+
+
+class Trainer:
+    """Builds the models, optimisers and data of one run; see the module docstring."""
+
+    def __init__(self, cfg: TrainConfig, *, model: Any = None, tokenizer: Any = None,
+                 accelerator: Any = None, task: Any = None):
+        from accelerate import Accelerator
+        from peft import LoraConfig, get_peft_model
+
+        from ..sprm import ReflectiveModel
+        from ..tasks import get_task
+
+        cfg.validate_names()
+        self.cfg = cfg
+        if accelerator is None:
+            cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+            accelerator = Accelerator(cpu=cpu)
+        self.acc = accelerator
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        _seed_all(cfg.seed + self.rank)
+        if model is None:
+            model, tokenizer = load_backbone(cfg.backbone)
+        if tokenizer is None:
+            raise ConfigError("Trainer: pass tokenizer= together with model=")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+        self.task = task if task is not None else get_task(cfg.task, **cfg.task_options)
+        model.config.use_cache = False
+        base_for_prm = copy.deepcopy(model) if cfg.mode == "separate_prm" else None
+        for p in model.parameters():
+            p.requires_grad_(False)
+        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=list(cfg.lora_targets), bias="none",
+                          task_type="CAUSAL_LM")
+        try:
+            policy = get_peft_model(model, lcfg)
+        except ValueError as e:
+            raise ConfigError(f"TrainConfig.lora_targets={cfg.lora_targets}: {e}. Name modules "
+                              f"of this backbone (e.g. q_proj, v_proj)") from None
+        head_only = cfg.mode == "head_only"
+        rm = ReflectiveModel(policy, feature_layer=cfg.feature_layer,
+                             grad_scale=0.0 if head_only else cfg.grad_scale,
+                             head_width_mult=cfg.head_width_mult, head_dropout=cfg.head_dropout)
+        lora = [p for n, p in policy.named_parameters() if "lora_" in n]
+        train_policy = cfg.mode in ("joint", "sft", "separate_prm")
+        train_head = cfg.mode in ("joint", "head_only")
+        for p in lora:
+            p.requires_grad_(train_policy)
+        for p in rm.head.parameters():
+            p.requires_grad_(train_head)
+        self.prm = None
+        if base_for_prm is not None:
+            for p in base_for_prm.parameters():
+                p.requires_grad_(False)
+            base_for_prm.config.use_cache = False
+            self.prm = ReflectiveModel(base_for_prm, feature_layer=cfg.feature_layer, grad_scale=0.0,
+                                       head_width_mult=cfg.head_width_mult,
+                                       head_dropout=cfg.head_dropout)
+        if cfg.init_from:
+            self._init_from(Path(cfg.init_from), policy, rm)
+        self.param_counts = {
+            "backbone": count(p for n, p in policy.named_parameters() if "lora_" not in n),
+            "lora": count(lora), "head": count(rm.head.parameters()),
+        }
+        if self.prm is not None:
+            self.param_counts["prm_backbone"] = count(self.prm.backbone.parameters())
+            self.param_counts["prm_head"] = count(self.prm.head.parameters())
+        self.param_counts["extra_for_scoring"] = (
+            self.param_counts.get("prm_backbone", 0) + self.param_counts["prm_head"]
+            if self.prm is not None else self.param_counts["head"])
+        # optimisers (separate, as in the reference)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.optimizers["policy"] = torch.optim.AdamW(lora, lr=cfg.policy_lr,
+                                                      weight_decay=cfg.policy_weight_decay)
+        head_params = list(rm.head.parameters()) if self.prm is None else list(
+            self.prm.head.parameters())
+        if self.prm is not None:
+            for p in head_params:
+                p.requires_grad_(True)
+        self.optimizers["head"] = torch.optim.AdamW(head_params, lr=cfg.head_lr,
+                                                    weight_decay=cfg.head_weight_decay)
+        names = list(self.optimizers)
+        if self.prm is not None:
+            prepared = accelerator.prepare(rm, self.prm, *self.optimizers.values())
+            self.model, self.prm = prepared[0], prepared[1]
+            opts = prepared[2:]
+        else:
+            prepared = accelerator.prepare(rm, *self.optimizers.values())
+            self.model, opts = prepared[0], prepared[1:]
+        self.optimizers = dict(zip(names, opts))
+        self.device = accelerator.device
+        self.no_step_batches = 0
+        self.aha = AhaDetector(cfg.aha_threshold, cfg.aha_patience)
+        self.step = 0
+        self._eval_cache: dict[str, list] = {}
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def rm(self):
+        """The unwrapped ReflectiveModel (policy + head)."""
+        return self.acc.unwrap_model(self.model)
+
+    @property
+    def policy(self):
+        """The peft policy model."""
+        return self.rm.backbone
+
+    @property
+    def scorer(self):
+        """The model whose head is trained/evaluated (the PRM copy in separate_prm)."""
+        return self.acc.unwrap_model(self.prm) if self.prm is not None else self.rm
+
+    @property
+    def head(self):
+        return self.scorer.head
+
+    def _init_from(self, path: Path, policy: Any, rm: Any) -> None:
+        """Initialise adapter (and head, when present) from a checkpoint dir of another run."""
+        from ..sprm import load_score_module
+
+        if (path / ckpt_mod.LATEST).exists():
+            found = ckpt_mod.find_resume_checkpoint(path)
+            if found is None:
+                raise CheckpointError(f"init_from={str(path)!r}: no complete checkpoint in it")
+            path = found
+        if not (path / "adapter").is_dir():
+            raise CheckpointError(f"init_from={str(path)!r}: no adapter/ dir; point it at a "
+                                  f"ckpt-<step> dir or a run output_dir")
+        ckpt_mod.check_compatible(ckpt_mod.read_state(path), {
+            "backbone": self.cfg.backbone, "lora_r": self.cfg.lora_r,
+            "lora_targets": sorted(self.cfg.lora_targets)}, path)
+        ckpt_mod.load_adapter_weights(policy, path / "adapter")
+        f = path / "score_module.pt"
+        if f.exists() and self.cfg.mode != "sft":
+            h = load_score_module(f, rm.hidden_size, width_mult=self.cfg.head_width_mult,
+                                  dropout=self.cfg.head_dropout)
+            rm.head.load_state_dict(h.state_dict())
+
+    def _allsum(self, x: float) -> float:
+        if self.world == 1:
+            return float(x)
+        t = torch.tensor([float(x)], device=self.device, dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+
+    def _step_mask(self, b: RolloutBatch) -> torch.Tensor:
+        from ..steps import step_mask
+
+        return step_mask(b.input_ids, self.tokenizer, self.cfg.segmenter, "train",
+                         attention_mask=b.attention_mask, response_start=b.response_start)
+
+    # ------------------------------------------------------------------ data
+    def train_problems(self, step: int) -> list[Any]:
+        """The prompts of ``step`` for this rank: drawn from a stateless RNG keyed by
+        (seed, step), identical on every rank, then sharded by rank."""
+        cfg = self.cfg
+        pool = self.task.problems("train")
+        rng = random.Random(f"train:{cfg.seed}:{step}")
+        k = cfg.prompts_per_step * self.world
+        picks = [pool[rng.randrange(len(pool))] for _ in range(k)]
+        return picks[self.rank::self.world]
+
+    def make_rollouts(self, problems: Sequence[Any]) -> RolloutBatch:
+        self.model.eval()
+        try:
+            b = rollout(self.policy, self.tokenizer, self.task, problems, n=self.cfg.n,
+                        temperature=self.cfg.temperature, max_new_tokens=self.cfg.max_new_tokens)
+        finally:
+            self.model.train()
+        return b.to(self.device)
+
+    def sft_batch(self, step: int) -> RolloutBatch:
+        """Canonical solutions (+ eos) of ``sft_batch_size`` train problems."""
+        cfg, tok = self.cfg, self.tokenizer
+        pool = self.task.problems("train")
+        rng = random.Random(f"sft:{cfg.seed}:{step}")
+        picks = [pool[rng.randrange(len(pool))] for _ in range(cfg.sft_batch_size * self.world)]
+        picks = picks[self.rank::self.world]
+        prompts = [tok.encode(p.prompt, add_special_tokens=False) for p in picks]
+        resps = [tok.encode(p.solution, add_special_tokens=False) + [tok.eos_token_id]
+                 for p in picks]
+        return pack(prompts, resps, [1.0] * len(picks), n=1, pad_id=tok.pad_token_id).to(
+            self.device)
+
+    # ------------------------------------------------------------------ updates
+    def update(self, b: RolloutBatch, *, policy_only: bool = False) -> dict[str, float]:
+        """One optimisation step on a rollout batch; returns local metrics.
+
+        ``policy_only`` runs the GRPO update without the head (plain LM forward): the
+        benchmark baseline for the joint step on the same rollouts.
+        """
+        from ..loss import LOSSES
+        from ..scoring import aggregate
+
+        cfg = self.cfg
+        m: dict[str, float] = {}
+        for o in self.optimizers.values():
+            o.zero_grad(set_to_none=True)
+        n_tok_global = self._allsum(b.n_response_tokens)
+        denom = max(n_tok_global, 1.0) / self.world
+        train_policy = cfg.mode in ("joint", "separate_prm")
+        if policy_only:
+            out_logits = self.policy(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+            step_logits = None
+        else:
+            out = self.model(b.input_ids, attention_mask=b.attention_mask)
+            out_logits, step_logits = out.logits, out.step_logits
+        total = torch.zeros((), device=self.device)
+        if train_policy or policy_only:
+            logp = token_logprobs(out_logits, b.input_ids)
+            pg, info = clipped_surrogate(logp, logp.detach(), b.advantages, b.token_mask,
+                                         cfg.clip, denom)
+            total = total + pg
+            m["policy_loss"] = float(pg.item()) * self.world
+            m["clip_frac"] = info["clip_frac"]
+            if cfg.kl_coef > 0:
+                with torch.no_grad(), self.policy.disable_adapter():
+                    ref = token_logprobs(self.policy(input_ids=b.input_ids,
+                                                     attention_mask=b.attention_mask).logits,
+                                         b.input_ids)
+                kl = masked_token_mean(k3_kl(logp, ref), b.token_mask, denom)
+                total = total + cfg.kl_coef * kl
+                m["kl"] = float(kl.item()) * self.world
+            else:
+                m["kl"] = 0.0
+        else:
+            m["policy_loss"], m["kl"] = 0.0, 0.0
+        if not policy_only:
+            if self.prm is not None:
+                step_logits = self.prm(b.input_ids, attention_mask=b.attention_mask).step_logits
+            mask = self._step_mask(b)
+            outcome = b.correct.float()
+            n_marks = self._allsum(int(mask.sum()))
+            if n_marks == 0:
+                self.no_step_batches += 1
+                warnings.warn(f"step {self.step}: the step mask found no steps in this batch; "
+                              f"SPR loss set to 0 (segmenter={cfg.segmenter!r})", RuntimeWarning)
+                spr = step_logits.sum() * 0.0
+                diag: dict = {}
+            else:
+                spr, diag = LOSSES.get(cfg.loss)(step_logits, mask, outcome)
+            total = total + spr
+            m["spr_loss"] = float(spr.item())
+            m["kept_fraction"] = float(diag.get("kept_fraction", float("nan")))
+            with torch.no_grad():
+                scores = aggregate(step_logits.detach().float(), mask, cfg.aggregator)
+            corr = b.correct.bool()
+            has = mask.any(-1)
+            sc = self._allsum(float(scores[corr & has].sum()))
+            nc = self._allsum(int((corr & has).sum()))
+            si = self._allsum(float(scores[~corr & has].sum()))
+            ni = self._allsum(int((~corr & has).sum()))
+            m["score_correct"] = sc / nc if nc else float("nan")
+            m["score_incorrect"] = si / ni if ni else float("nan")
+            m["score_gap"] = m["score_correct"] - m["score_incorrect"]
+            m["steps_per_traj"] = self._allsum(float(mask.sum())) / max(
+                self._allsum(len(b)), 1.0)
+        if not total.requires_grad:  # e.g. nothing trainable: keep the step a no-op
+            return m
+        self.acc.backward(total)
+        if cfg.max_grad_norm > 0 and (train_policy or policy_only):
+            lora = [p for p in self.policy.parameters() if p.requires_grad]
+            m["policy_grad_norm"] = float(self.acc.clip_grad_norm_(lora, cfg.max_grad_norm))
+        if train_policy or policy_only:
+            self.optimizers["policy"].step()
+        if not policy_only and cfg.mode in ("joint", "head_only", "separate_prm"):
+            self.optimizers["head"].step()
+        return m
+
+    def sft_update(self, b: RolloutBatch) -> dict[str, float]:
+        opt = self.optimizers["policy"]
+        opt.zero_grad(set_to_none=True)
+        denom = max(self._allsum(b.n_response_tokens), 1.0) / self.world
+        logits = self.model(b.input_ids, attention_mask=b.attention_mask).logits
+        nll = -token_logprobs(logits, b.input_ids)
+        loss = masked_token_mean(nll, b.token_mask, denom)
+        self.acc.backward(loss)
+        if self.cfg.max_grad_norm > 0:
+            self.acc.clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad],
+                                     self.cfg.max_grad_norm)
+        opt.step()
+        return {"sft_loss": float(loss.item()) * self.world}
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_problems(self, split: str, k: int) -> list[Any]:
+        if split not in self._eval_cache:
+            self._eval_cache[split] = self.task.problems(split, k)
+        return self._eval_cache[split]
+
+    @torch.no_grad()
+    def _score(self, b: RolloutBatch) -> tuple[list[float], list[list[float]]]:
+        from ..scoring import aggregate
+
+        scorer = self.scorer
+        out = scorer(b.input_ids, attention_mask=b.attention_mask)
+        mask = self._step_mask(b)
+        traj = aggregate(out.step_logits.float(), mask, self.cfg.aggregator).tolist()
+        probs = torch.sigmoid(out.step_logits.float())
+        steps = [probs[i][mask[i]].tolist() for i in range(len(b))]
+        return traj, steps
+
+    def evaluate(self) -> dict[str, float]:
+        """Fixed held-out evaluation: sample ``eval_samples`` trajectories per val/test
+        problem (own seed; the training RNG is untouched), score them with the head.
+        AUROC and pass@1 on test; the step-error threshold is chosen on val only."""
+        from ..metrics import auroc, choose_threshold, step_error_f1
+
+        cfg = self.cfg
+        res: dict[str, Any] = {}
+        was_training = self.model.training
+        self.model.eval()
+        if self.prm is not None:
+            self.prm.eval()
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(cfg.eval_seed)
+                data = {}
+                for split, k in (("val", cfg.eval_val_problems), ("test", cfg.eval_test_problems)):
+                    probs = self._eval_problems(split, k)
+                    if not probs:
+                        continue
+                    b = rollout(self.policy, self.tokenizer, self.task, probs,
+                                n=cfg.eval_samples, temperature=cfg.temperature,
+                                max_new_tokens=cfg.max_new_tokens).to(self.device)
+                    traj, steps = self._score(b)
+                    data[split] = (b, traj, steps)
+        finally:
+            self.model.train(was_training)
+            if self.prm is not None:
+                self.prm.train(was_training)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            if "test" in data:
+                b, traj, steps = data["test"]
+                res["eval_auroc"] = auroc(traj, b.correct.tolist())
+                res["eval_pass1"] = float(b.correct.float().mean())
+                res["eval_n"] = len(b)
+                if "val" in data:
+                    vb, _, vsteps = data["val"]
+                    thr = choose_threshold(vsteps, vb.first_wrong, split="val")
+                    f1 = step_error_f1(steps, b.first_wrong, thr)
+                    res["eval_step_f1"] = float(f1["f1"])
+                    res["eval_step_acc_err"] = float(f1["acc_err"])
+                    res["eval_step_acc_ok"] = float(f1["acc_ok"])
+                    res["eval_threshold"] = float(thr)
+        return res
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainer_state(self) -> dict[str, Any]:
+        return {"fingerprint": self.cfg.fingerprint(),
+                "fingerprint_fields": self.cfg.fingerprint_fields(),
+                "config": self.cfg.to_dict(), "aha": self.aha.state_dict(),
+                "no_step_batches": self.no_step_batches, "param_counts": self.param_counts}
+
+    def save(self, out_dir: Path) -> Path | None:
+        st = ckpt_mod.rng_state()
+        if self.world > 1:
+            gathered: list = [None] * self.world
+            torch.distributed.all_gather_object(gathered, st)
+        else:
+            gathered = [st]
+        path = None
+        if self.acc.is_main_process:
+            parts = ckpt_mod.CheckpointParts(
+                policy=self.policy, head=self.rm.head if self.cfg.mode != "separate_prm" else None,
+                prm_head=self.head if self.prm is not None else None,
+                optimizers=self.optimizers, state=self.trainer_state(), rng_states=gathered)
+            path = ckpt_mod.save_checkpoint(out_dir, self.step, parts, keep=self.cfg.keep_checkpoints)
+        self.acc.wait_for_everyone()
+        return path
+
+    def load(self, path: Path) -> None:
+        """Restore a checkpoint written by :meth:`save` (weights, optimisers, RNG, state)."""
+        from ..sprm import load_score_module
+
+        state = ckpt_mod.read_state(path)
+        ckpt_mod.check_compatible(state, self.cfg.fingerprint_fields(), path)
+        ckpt_mod.load_adapter_weights(self.policy, path / "adapter")
+        for name, target in (("score_module.pt", self.rm.head if self.cfg.mode != "separate_prm"
+                              else None), ("prm_score_module.pt", self.head if self.prm is not None
+                                           else None)):
+            if target is None:
+                continue
+            try:
+                h = load_score_module(path / name, self.rm.hidden_size,
+                                      width_mult=self.cfg.head_width_mult,
+                                      dropout=self.cfg.head_dropout)
+            except Exception as e:
+                raise CheckpointError(f"{path / name}: {e}") from None
+            target.load_state_dict(h.state_dict())
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(ckpt_mod.torch_load(path / f"optim-{name}.pt"))
+        rng_file = path / f"rng-{self.rank}.pt"
+        if not rng_file.exists():
+            warnings.warn(f"{rng_file} missing (checkpoint written with a different world size);"
+                          f" using rng-0.pt", RuntimeWarning)
+            rng_file = path / "rng-0.pt"
+        ckpt_mod.set_rng_state(ckpt_mod.torch_load(rng_file))
+        self.aha.load_state_dict(state.get("aha", {}))
+        self.no_step_batches = int(state.get("no_step_batches", 0))
+        self.step = int(state["step"])
+
+
+def _log_line(metrics: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+            out[k] = None
+        else:
+            out[k] = v
+    return out
+
+
+def _reduce_mean(trainer: Trainer, rows: dict[str, float], keys: Sequence[str]) -> None:
+    for k in keys:
+        if k in rows:
+            rows[k] = trainer._allsum(rows[k]) / trainer.world
+
+
+def train(cfg: TrainConfig, tracker: Any = None, *, model: Any = None, tokenizer: Any = None,
+          accelerator: Any = None, task: Any = None) -> TrainResult:
+    """Run ``cfg.steps`` training steps (resuming when ``cfg.resume``); see :class:`Trainer`.
+
+    Logs every step to ``<output_dir>/metrics.jsonl`` and ``tracker.log_metrics``
+    (default ``tracking.active()``); checkpoints every ``checkpoint_every`` steps and
+    at the end. The aha onset (see :mod:`metastone_lab.training.aha`) is logged as
+    the metric ``aha_onset_step`` and the tag ``metastone.aha_onset_step``.
+    """
+    from .. import tracking
+
+    tracker = tracker if tracker is not None else tracking.active()
+    out_dir = Path(cfg.output_dir)
+    existing = ckpt_mod.find_resume_checkpoint(out_dir) if out_dir.exists() else None
+    if existing is not None and not cfg.resume:
+        raise ConfigError(
+            f"output_dir {str(out_dir)!r} already holds checkpoint {existing.name}; set "
+            f"resume: true to continue it, or choose a new output_dir")
+    t = Trainer(cfg, model=model, tokenizer=tokenizer, accelerator=accelerator, task=task)
+    main = t.acc.is_main_process
+    log = JsonlLog(out_dir / LOG_NAME)
+    start = 0
+    if existing is not None:
+        t.load(existing)
+        start = t.step
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log.truncate_after(start)
+        if start == 0:
+            tracker.log_params(cfg.to_dict())
+    t.acc.wait_for_everyone()
+    last: dict[str, Any] = {}
+    evals = [dict(step=s, eval_auroc=a) for s, a in t.aha.history]
+    path = existing
+    t.model.train()
+    for step in range(start + 1, cfg.steps + 1):
+        t.step = step
+        t0 = time.perf_counter()
+        if cfg.mode == "sft":
+            metrics = t.sft_update(t.sft_batch(step))
+            _reduce_mean(t, metrics, ["sft_loss"])
+        else:
+            b = t.make_rollouts(t.train_problems(step))
+            t_roll = time.perf_counter() - t0
+            metrics = t.update(b)
+            metrics["reward_mean"] = t._allsum(float(b.rewards.sum())) / t._allsum(len(b))
+            metrics["pass_rate"] = t._allsum(float(b.correct.float().sum())) / t._allsum(len(b))
+            metrics["rollout_s"] = t_roll
+            _reduce_mean(t, metrics, ["policy_loss", "kl", "spr_loss", "kept_fraction",
+                                      "clip_frac"])
+        metrics["step_s"] = time.perf_counter() - t0
+        metrics["no_step_batches"] = t.no_step_batches
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            ev = t.evaluate()
+            metrics.update(ev)
+            if "eval_auroc" in ev:
+                evals.append(dict(step=step, **ev))
+                onset = t.aha.update(step, ev["eval_auroc"])
+                if onset is not None:
+                    metrics["aha_onset_step"] = onset
+                    if main:
+                        tracker.set_tags({AHA_TAG: onset})
+        if main:
+            log.append(dict(_log_line(metrics), step=step))
+            tracker.log_metrics(metrics, step=step)
+        last = metrics
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+            path = t.save(out_dir)
+    if cfg.steps == start and path is None and cfg.steps == 0:
+        path = None
+    return TrainResult(out_dir, t.step if cfg.steps > start else start, start, last, evals,
+                       t.aha.onset, path, t.param_counts, t.no_step_batches, out_dir / LOG_NAME)

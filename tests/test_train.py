@@ -1,0 +1,246 @@
+"""Trainer tests on a micro backbone (random 2-layer Llama, hidden 32): config
+validation, GRPO math, the sampler, the four modes, logging and aha detection.
+Each test takes about a second."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _accel_worker import fixed_batch, make_micro, make_trainer, one_step  # noqa: E402
+
+from metastone_lab.config import from_dict  # noqa: E402
+from metastone_lab.errors import ConfigError, UnknownNameError  # noqa: E402
+from metastone_lab.train import TrainConfig, train  # noqa: E402
+from metastone_lab.training.aha import AhaDetector  # noqa: E402
+from metastone_lab.training.grpo import (clipped_surrogate, group_advantages, k3_kl,  # noqa: E402
+                                         masked_token_mean)
+from metastone_lab.training.rollout import pack, sample  # noqa: E402
+
+TASK_OPTS = {"n_train": 64, "n_val": 8, "n_test": 8, "n_ood": 0}
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory) -> Path:
+    return make_micro(tmp_path_factory.mktemp("micro"))
+
+
+def _snap(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(a: dict, b: dict, part: str = "") -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a if part in k)
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_config_rejects_small_group_lora_r0_unknown_key_and_wrong_type():
+    with pytest.raises(ConfigError, match="GRPO needs a group"):
+        from_dict(TrainConfig, {"n": 1})
+    with pytest.raises(ConfigError, match="lora_r"):
+        from_dict(TrainConfig, {"lora_r": 0})
+    with pytest.raises(ConfigError, match="unknown key 'nn'"):
+        from_dict(TrainConfig, {"nn": 8})
+    with pytest.raises(ConfigError, match="TrainConfig.steps"):
+        from_dict(TrainConfig, {"steps": "ten"})
+    with pytest.raises(ConfigError, match="mode"):
+        from_dict(TrainConfig, {"mode": "both"})
+    with pytest.raises(ConfigError, match="temperature"):
+        from_dict(TrainConfig, {"temperature": -1.0})
+    with pytest.raises(UnknownNameError, match="bogus"):
+        from_dict(TrainConfig, {"loss": "bogus"}).validate_names()
+
+
+def test_fingerprint_depends_on_shapes_not_on_lr():
+    a, b = TrainConfig(), TrainConfig(policy_lr=0.5, steps=3)
+    assert a.fingerprint() == b.fingerprint()
+    assert a.fingerprint() != TrainConfig(head_width_mult=4.0).fingerprint()
+    assert a.fingerprint() != TrainConfig(backbone="smollm2").fingerprint()
+
+
+# ----------------------------------------------------------------------------- GRPO math
+
+def test_group_advantages_normalise_per_group_and_all_equal_is_zero():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    a = group_advantages(r, 4)
+    assert torch.isfinite(a).all()
+    assert torch.allclose(a[:4], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-4)
+    assert torch.equal(a[4:], torch.zeros(8))
+    with pytest.raises(ValueError, match="group size"):
+        group_advantages(torch.ones(5), 4)
+
+
+def test_clipped_surrogate_clips_and_k3_is_nonnegative():
+    old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.5, 1.0, 0.5]]))  # ratios 1.5, 1, 0.5
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    loss_pos, info = clipped_surrogate(logp, old, torch.tensor([1.0]), mask, clip=0.2)
+    # A>0: min(r, clip(r)) = [1.2, 1.0, 0.5]
+    assert loss_pos.item() == pytest.approx(-(1.2 + 1.0 + 0.5) / 3, rel=1e-5)
+    assert info["clip_frac"] == pytest.approx(2 / 3)
+    loss_neg, _ = clipped_surrogate(logp, old, torch.tensor([-1.0]), mask, clip=0.2)
+    # A<0: min(-r, -clip(r)) = [-1.5, -1.0, -0.8]
+    assert loss_neg.item() == pytest.approx((1.5 + 1.0 + 0.8) / 3, rel=1e-5)
+    kl = k3_kl(logp, old)
+    assert (kl >= 0).all() and k3_kl(old, old).abs().max() == 0
+    assert masked_token_mean(torch.ones(2, 2), torch.zeros(2, 2, dtype=torch.bool)) == 0
+
+
+# ----------------------------------------------------------------------------- sampler
+
+def test_kv_cached_left_padded_sampler_matches_full_forward_greedy(micro):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(micro).eval()
+    prompts = [[5, 9, 11, 40, 41], [7, 8], [100, 3, 4]]
+    got = sample(model, prompts, temperature=1e-6, max_new_tokens=6, eos_id=-1, pad_id=0)
+    for p, g in zip(prompts, got):
+        ids = list(p)
+        for _ in range(6):
+            with torch.no_grad():
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        assert g == ids[len(p):]
+
+
+# ----------------------------------------------------------------------------- modes
+
+def test_joint_update_trains_lora_and_head_not_base_and_kl_starts_at_zero(micro):
+    t = make_trainer(micro, kl_coef=0.1)
+    b = fixed_batch(t.tokenizer, t.task)
+    assert b.correct.any() and not b.correct.all()
+    base0, head0 = _snap(t.policy), _snap(t.head)
+    r = one_step(t, b)
+    m = r["metrics"]
+    assert m["kl"] == pytest.approx(0.0, abs=1e-7)  # LoRA B=0: policy == reference
+    assert m["spr_loss"] > 0 and 0 < m["kept_fraction"] <= 1
+    assert r["lora_grad_abs_sum"] > 0
+    base1 = _snap(t.policy)
+    assert _changed(base0, base1, "lora_")
+    assert not any(not torch.equal(base0[k], base1[k]) for k in base0 if "lora_" not in k)
+    assert _changed(head0, _snap(t.head))
+    m2 = t.update(b)
+    assert m2["kl"] > 0  # the adapter moved away from the reference
+
+
+def test_head_only_freezes_policy_and_learns_to_separate(micro):
+    # plain BCE on every step: on random micro features the SPR pseudo-label filter keeps
+    # one class at a time and does not separate from a cold start (see the report)
+    t = make_trainer(micro, mode="head_only", head_lr=3e-2, loss="bce_all_steps")
+    b = fixed_batch(t.tokenizer, t.task, n_prompts=4)
+    pol0, head0 = _snap(t.policy), _snap(t.head)
+    gaps = [t.update(b)["score_gap"] for _ in range(30)]
+    assert not _changed(pol0, _snap(t.policy))
+    assert _changed(head0, _snap(t.head))
+    assert all(p.grad is None for p in t.policy.parameters())
+    assert abs(gaps[0]) < 0.05 and gaps[-1] > gaps[0] + 0.05, gaps[::8]
+
+
+def test_sft_lowers_nll_on_canonical_solutions_and_leaves_head(micro):
+    t = make_trainer(micro, mode="sft", sft_batch_size=8, policy_lr=3e-2)
+    b = t.sft_batch(1)
+    head0 = _snap(t.head)
+    losses = [t.sft_update(b)["sft_loss"] for _ in range(10)]
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert not _changed(head0, _snap(t.head))
+
+
+def test_separate_prm_has_its_own_backbone_copy_and_head(micro):
+    t = make_trainer(micro, mode="separate_prm")
+    pc = t.param_counts
+    assert pc["prm_backbone"] == pc["backbone"] and pc["prm_head"] == pc["head"]
+    assert pc["extra_for_scoring"] == pc["backbone"] + pc["head"]
+    b = fixed_batch(t.tokenizer, t.task)
+    own_head0, prm_head0, prm_bb0 = _snap(t.rm.head), _snap(t.head), _snap(t.scorer.backbone)
+    lora0 = _snap(t.policy)
+    m = t.update(b)
+    assert m["spr_loss"] > 0
+    assert _changed(prm_head0, _snap(t.head))
+    assert not _changed(own_head0, _snap(t.rm.head))
+    assert not _changed(prm_bb0, _snap(t.scorer.backbone))
+    assert _changed(lora0, _snap(t.policy), "lora_")
+
+
+def test_batch_without_steps_gives_zero_spr_and_counts_a_warning(micro):
+    t = make_trainer(micro)
+    tok = t.tokenizer
+    prompt = tok.encode(t.task.problems("train", 1)[0].prompt, add_special_tokens=False)
+    resp = tok.encode("no steps here</think> The answer is 3", add_special_tokens=False)
+    b = pack([prompt] * 4, [resp] * 4, [0.0, 1.0, 0.0, 1.0], n=4, pad_id=tok.pad_token_id)
+    with pytest.warns(RuntimeWarning, match="no steps"):
+        m = t.update(b)
+    assert m["spr_loss"] == 0.0 and t.no_step_batches == 1
+    assert math.isfinite(m["policy_loss"])
+
+
+def test_all_equal_rewards_give_zero_policy_loss_without_nan(micro):
+    t = make_trainer(micro)
+    b = fixed_batch(t.tokenizer, t.task)
+    b.advantages = group_advantages(torch.ones(len(b)), 4)
+    m = t.update(b)
+    assert m["policy_loss"] == 0.0 and all(
+        math.isfinite(v) for k, v in m.items() if k not in ("score_gap",))
+
+
+# ----------------------------------------------------------------------------- aha
+
+def test_aha_onset_needs_two_consecutive_evals_above_threshold():
+    d = AhaDetector(0.8, 2)
+    assert d.update(10, 0.5) is None
+    assert d.update(20, 0.85) is None      # first above: not yet confirmed
+    assert d.update(30, 0.7) is None       # dropped: run broken
+    assert d.update(40, 0.81) is None
+    assert d.update(50, float("nan")) is None
+    assert d.update(60, 0.9) is None
+    assert d.update(70, 0.95) == 60        # onset = first eval of the confirmed run
+    assert d.update(80, 0.99) is None and d.onset == 60
+    d2 = AhaDetector()
+    d2.load_state_dict(d.state_dict())
+    assert d2.onset == 60 and d2.history == d.history
+
+
+# ----------------------------------------------------------------------------- train loop
+
+class _RecTracker:
+    def __init__(self):
+        self.metrics, self.tags, self.params = [], {}, None
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, dict(metrics)))
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
+
+    def log_params(self, p):
+        self.params = p
+
+
+@pytest.mark.parametrize("mode", ["joint", "head_only", "sft", "separate_prm"])
+def test_train_loop_logs_every_step_to_jsonl_and_tracker(micro, tmp_path, mode):
+    cfg = TrainConfig(mode=mode, backbone=str(micro), n=2, prompts_per_step=2, steps=3,
+                      max_new_tokens=12, lora_r=2, lora_alpha=4, eval_every=2,
+                      eval_val_problems=2, eval_test_problems=2, eval_samples=2,
+                      checkpoint_every=2, sft_batch_size=4, output_dir=str(tmp_path / mode),
+                      task_options=TASK_OPTS)
+    tr = _RecTracker()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = train(cfg, tracker=tr)
+    rows = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [s for s, _ in tr.metrics] == [1, 2, 3]
+    need = {"sft_loss"} if mode == "sft" else {
+        "reward_mean", "pass_rate", "policy_loss", "kl", "spr_loss", "kept_fraction",
+        "score_correct", "score_incorrect", "score_gap"}
+    assert need <= set(rows[0])
+    if mode != "sft":
+        assert {"eval_auroc", "eval_step_f1", "eval_pass1"} <= set(rows[1])
+    assert res.checkpoint is not None and res.checkpoint.name == "ckpt-3"
+    assert (res.checkpoint / "adapter" / "adapter_model.safetensors").exists()
+    assert res.steps_done == 3 and tr.params is not None
