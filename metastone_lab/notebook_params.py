@@ -76,9 +76,10 @@ def type_ok(value: Any, tp: type | None) -> bool:
 
 
 def check_parameters(params: Mapping[str, Any], declared: Mapping[str, DeclaredParam],
-                     where: str) -> None:
-    """Raise ConfigError for a parameter not declared in the notebook or of the wrong type."""
-    valid = sorted(declared)
+                     where: str, reserved: tuple[str, ...] = ()) -> None:
+    """Raise ConfigError for a parameter not declared in the notebook or of the wrong type.
+    ``reserved`` names (injected by the runner) are left out of the listed valid names."""
+    valid = sorted(k for k in declared if k not in reserved)
     for key, value in params.items():
         if key not in declared:
             close = difflib.get_close_matches(key, valid, n=1)

@@ -263,7 +263,8 @@ def validate_points(points: list[Point], notebook: Path) -> dict:
         raise ConfigError(f"cannot read the parameters of notebook {str(notebook)!r}: {e}; "
                           f"check that it is a valid .ipynb with a cell tagged 'parameters'")
     for p in points:
-        check_parameters(p.params, declared, where=f"point {p.index} ({p.name}) of {notebook.name}")
+        check_parameters(p.params, declared, where=f"point {p.index} ({p.name}) of {notebook.name}",
+                         reserved=RESERVED)
     return declared
 
 
@@ -526,7 +527,8 @@ class _Sweep:
         return {"mean": mean, "summaries": summaries}
 
 
-def _table(spec: Spec, points: list[Point], results: dict, summaries: dict):
+def _table(spec: Spec, points: list[Point], results: dict, summaries: dict, mean: dict):
+    """One row per point run now (plus a ``mean`` row over the sweep when >1 point)."""
     import pandas as pd
 
     rows = []
@@ -540,6 +542,10 @@ def _table(spec: Spec, points: list[Point], results: dict, summaries: dict):
                                                           else " (unlogged)")}
         row.update({k: s.get(k) for k in keys})
         rows.append(row)
+    if len(summaries) > 1 and rows:
+        keys = [k for k in rows[0] if k not in ("point", "status")]
+        rows.append({"point": "mean", "status": f"{len(summaries)} pts",
+                     **{k: mean.get(k) for k in keys}})
     return pd.DataFrame(rows)
 
 
@@ -595,7 +601,7 @@ def run_spec(spec_path: str | Path, *, overrides: list[str] = (), only: list[str
                 break
     bar.close()
     agg = sweep.finish(all_points)
-    df = _table(spec, points, sweep.results, agg["summaries"])
+    df = _table(spec, points, sweep.results, agg["summaries"], agg["mean"])
     print(df.to_string(index=False) if len(df) else "(no points run)")
     failed = any(r["status"] == "failed" for r in sweep.results.values())
     unlogged_any = any(not r.get("logged", True) for r in sweep.results.values())

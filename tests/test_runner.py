@@ -62,7 +62,7 @@ def test_spec_errors_name_key_and_fix(tmp_path):
 
 
 @pytest.mark.parametrize("params, pattern", [
-    ({"aa": 1}, r"parameter 'aa' is not declared.*Did you mean 'a'.*Valid names: a, b,"),
+    ({"aa": 1}, r"parameter 'aa' is not declared.*Did you mean 'a'.*Valid names: a, b, fail_if_exists, label, seed\."),
     ({"a": 1.5}, r"parameter 'a' = 1.5 is a float, but the notebook declares int"),
     ({"b": "x"}, r"parameter 'b' = 'x' is a str, but the notebook declares float"),
     ({"label": True}, r"declares str"),
@@ -99,6 +99,7 @@ def test_grid_2x2_against_server_then_resume_skips(tmp_path, mlflow_server):
     rep = _run(spec, tmp_path, uri)
     assert rep["exit_code"] == 0
     assert list(rep["table"].columns) == ["point", "status", "score", "pass@1"]
+    assert list(rep["table"]["point"])[-1] == "mean" and len(rep["table"]) == 5
     parents, children = _runs(uri, "grid2x2", "sweep"), _runs(uri, "grid2x2", "point")
     assert len(parents) == 1 and len(children) == 4
     parent = parents[0]

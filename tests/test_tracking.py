@@ -192,3 +192,18 @@ def test_outage_spools_then_replays(mlflow_sqlite, tmp_path):
     assert [a.path for a in c.list_artifacts(run_id)] == ["x.json"]
     assert c.get_run(run_id).info.status == "RUNNING"  # the owner terminates it
     assert tracking.replay_spool(spool, run_id, mlflow_sqlite) == 0  # never twice
+
+
+def test_notebook_tracker_interactive_owns_its_run(mlflow_sqlite):
+    """Outside the runner (mlflow_run_id None) a notebook starts and closes its own run."""
+    t = tracking.notebook_tracker(None, mlflow_sqlite, None, experiment="nb",
+                                  params={"k": 4}, notebook="quickstart.ipynb")
+    assert tracking.active() is t
+    run_id = t.run_id
+    t.log_metrics({"acc": 0.25}, step=1)
+    t.close()
+    assert tracking.active().enabled is False
+    run = _client(mlflow_sqlite).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"k": "4"} and run.data.metrics == {"acc": 0.25}
+    assert run.data.tags[tracking.TAG_NOTEBOOK] == "quickstart.ipynb"
