@@ -2,7 +2,7 @@
 ``tests/test_train_accelerate.py``.
 
 As a script: ``accelerate launch --cpu --num_processes 2 tests/_accel_worker.py
-MICRO_DIR OUT_JSON`` builds the trainer on the micro backbone, takes the FIXED
+MICRO_DIR OUT_JSON [rank|global]`` builds the trainer on the micro backbone, takes the FIXED
 global batch :func:`fixed_batch`, gives each rank its contiguous shard, runs ONE
 joint update and (on rank 0) writes losses, head gradients and updated head
 weights to OUT_JSON. Run with ``--num_processes 1`` semantics by calling
@@ -100,12 +100,14 @@ def main(argv: list[str]) -> int:
     from accelerate import Accelerator
 
     micro_dir, out_json = argv[0], argv[1]
+    norm = argv[2] if len(argv) > 2 else "rank"
     acc = Accelerator(cpu=True)
-    t = make_trainer(micro_dir, accelerator=acc)
+    t = make_trainer(micro_dir, accelerator=acc, spr_dp_norm=norm)
     batch = fixed_batch(t.tokenizer, t.task)
     per = len(batch) // acc.num_processes
     shard = batch.rows(range(acc.process_index * per, (acc.process_index + 1) * per))
     res = one_step(t, shard)
+    res["metrics"]["spr_loss_rank_mean"] = t._allsum(res["metrics"]["spr_loss"]) / t.world
     if acc.is_main_process:
         Path(out_json).write_text(json.dumps({
             "world": acc.num_processes, "metrics": res["metrics"],

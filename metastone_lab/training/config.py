@@ -58,6 +58,10 @@ class TrainConfig:
     grad_scale: float = 1e-4
     head_width_mult: float = 2.0
     head_dropout: float = 0.5
+    # data-parallel normalisation of the SPR loss: "rank" = the reference (each rank divides
+    # by its own sum of step weights; only class counts are all-reduced); "global" = divide
+    # by the all-reduced sum, so a DP step equals the single-process step on the global batch
+    spr_dp_norm: Literal["rank", "global"] = "rank"
     segmenter: str = "reference"
     aggregator: str = "geometric"
     # evaluation

@@ -320,7 +320,12 @@ class Trainer:
                 spr = step_logits.sum() * 0.0
                 diag: dict = {}
             else:
-                spr, diag = LOSSES.get(cfg.loss)(step_logits, mask, outcome)
+                loss_fn = LOSSES.get(cfg.loss)
+                spr, diag = loss_fn(step_logits, mask, outcome)
+                if cfg.spr_dp_norm == "global" and self.world > 1:
+                    w_local = _spr_weight_sum(loss_fn, diag)
+                    w_global = self._allsum(w_local)
+                    spr = spr * ((w_local + 1e-5) / (w_global + 1e-5) * self.world)
             total = total + spr
             m["spr_loss"] = float(spr.item())
             m["kept_fraction"] = float(diag.get("kept_fraction", float("nan")))
@@ -482,6 +487,18 @@ class Trainer:
         self.aha.load_state_dict(state.get("aha", {}))
         self.no_step_batches = int(state.get("no_step_batches", 0))
         self.step = int(state["step"])
+
+
+def _spr_weight_sum(loss_fn: Any, diag: dict) -> float:
+    """Sum of the SPR step weights of this rank, rebuilt from the loss diagnostics:
+    ``pos_boost*pos_w*n_pos + neg_w*n_neg`` (see ``loss.spr_loss``)."""
+    import inspect
+
+    from ..loss import spr_loss
+
+    kw = getattr(loss_fn, "keywords", {}) or {}
+    boost = kw.get("pos_boost", inspect.signature(spr_loss).parameters["pos_boost"].default)
+    return float(boost * diag["pos_weight"] * diag["n_pos"] + diag["neg_weight"] * diag["n_neg"])
 
 
 def _log_line(metrics: dict[str, Any]) -> dict[str, Any]:
