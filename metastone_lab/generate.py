@@ -9,10 +9,12 @@ needs are already computed while decoding:
 2. k samples are decoded in chunks of ``chunk_size`` rows (bounded memory) with
    temperature / top-p sampling; a row stops at EOS and is then dropped from the
    cache (``batch_select_indices``), so finished rows cost nothing.
-3. Every forward runs with ``output_hidden_states=True`` and the head is applied
-   to the configured feature layer **at every new position** (a (rows, C) x (C, 2C)
-   matmul per step). The per-row head logits of all positions form a small
-   (rows, L) float tensor; prompt positions come from the prefill.
+3. Every forward runs with ``output_hidden_states=True``. ``head_mode="per_step"``
+   applies the head to the configured feature layer **at every new position** (a
+   (rows, C) x (C, 2C) matmul per step) into a small (rows, L) logit tensor;
+   ``"deferred"`` (default when it fits ``feature_buffer_mb``) keeps the (rows, L, C)
+   feature-layer states and applies the head only at the marked positions once a
+   chunk is finished. Prompt positions come from the prefill.
 4. At the end the step mask is computed on the full token sequences with
    :func:`metastone_lab.steps.step_mask` (``span="inference"``) and the logits
    are read where it is True. With the reference rule (``read_at=
@@ -67,7 +69,12 @@ class GenerateConfig:
     ``aggregators``: trajectory scores to compute (None = all of
     ``scoring.AGGREGATORS``). ``score``: False disables in-flight scoring
     (benchmark baseline). ``ignore_eos``: always decode ``max_new_tokens``
-    (benchmarks).
+    (benchmarks). ``head_mode``: ``"per_step"`` applies the head to every new
+    position as it is decoded (keeps a (rows, L) logit tensor); ``"deferred"``
+    keeps the feature-layer hidden state of every position (rows, L, C) and, once
+    the rows are finished, applies the head only where the step mask is True
+    (no second forward either way; cheapest); ``"auto"`` = deferred when the
+    feature buffer of a chunk fits in ``feature_buffer_mb``, else per_step.
     """
 
     k: int | None = None
@@ -85,6 +92,8 @@ class GenerateConfig:
     effort_map: dict = field(default_factory=lambda: dict(DEFAULT_EFFORT_MAP))
     score: bool = True
     ignore_eos: bool = False
+    head_mode: str = "auto"
+    feature_buffer_mb: float = 256.0
 
     def __post_init__(self) -> None:
         if self.effort is not None:
@@ -106,6 +115,8 @@ class GenerateConfig:
         check(0.0 < self.top_p <= 1.0, f"GenerateConfig.top_p must be in (0, 1], got {self.top_p}")
         check(self.chunk_size >= 0,
               f"GenerateConfig.chunk_size must be >= 0 (0 = all k at once), got {self.chunk_size}")
+        check(self.head_mode in ("auto", "per_step", "deferred"),
+              f"GenerateConfig.head_mode must be auto, per_step or deferred, got {self.head_mode!r}")
         check(self.span in ("inference", "train"),
               f"GenerateConfig.span must be 'inference' or 'train', got {self.span!r}")
         if self.temperature <= 0 and self.k > 1:
@@ -159,23 +170,35 @@ class ProblemSamples:
 
 # ------------------------------------------------------------------- sampling
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
+                generator: torch.Generator | None, probe: int = 64) -> torch.Tensor:
     """Sample token ids (R,) from next-token ``logits`` (R, V).
 
-    ``temperature <= 0`` is argmax. Top-p keeps the smallest set of tokens whose
-    probability mass reaches ``top_p`` (the top token always kept).
+    ``temperature <= 0`` is argmax. Top-p keeps the smallest prefix of the
+    probability-sorted vocabulary whose mass reaches ``top_p`` (a token is dropped
+    when the mass *before* it is already >= top_p; the top token is always kept).
+
+    Speed: a full (R, V) sort costs milliseconds on CPU, so the nucleus is first
+    looked for among the ``probe`` most likely tokens (``topk``); when their mass
+    reaches ``top_p`` in every row the nucleus lies inside them and the result is
+    exactly the full-sort rule. Otherwise it falls back to a full sort.
     """
     logits = logits.float()
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sp, si = probs.sort(dim=-1, descending=True)
-        drop = (sp.cumsum(-1) - sp) >= top_p
-        sp = sp.masked_fill(drop, 0.0)
-        choice = torch.multinomial(sp, 1, generator=generator)
-        return si.gather(-1, choice).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    V = probs.shape[-1]
+    K = min(max(1, probe), V)
+    while True:
+        vals, idx = probs.topk(K, dim=-1)                       # (R, K) descending
+        if K == V or bool((vals.sum(-1) >= top_p).all()):
+            break
+        K = V
+    drop = (vals.cumsum(-1) - vals) >= top_p
+    vals = vals.masked_fill(drop, 0.0)
+    choice = torch.multinomial(vals, 1, generator=generator)
+    return idx.gather(-1, choice).squeeze(-1)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -238,12 +261,23 @@ def _device(model: Any) -> torch.device:
 @dataclass
 class _Chunk:
     """Decoded rows of one chunk: ``ids`` (R, P+T) padded; ``lengths`` (R,) full
-    lengths; ``head`` (R, P+T) head logits (NaN where not computed); ``hit_max`` (R,)."""
+    lengths; ``head`` (R, P+T) head logits (NaN where not computed, per_step mode);
+    ``feats`` (R, P+T, C) feature-layer hidden states (NaN where not computed,
+    deferred mode); ``hit_max`` (R,)."""
 
     ids: torch.Tensor
     lengths: torch.Tensor
     head: torch.Tensor | None
     hit_max: torch.Tensor
+    feats: torch.Tensor | None = None
+
+
+def resolve_head_mode(cfg: GenerateConfig, hidden_size: int, prompt_len: int) -> str:
+    """``per_step`` or ``deferred`` for ``cfg.head_mode`` (auto: by buffer size)."""
+    if cfg.head_mode != "auto":
+        return cfg.head_mode
+    mb = cfg.rows_per_chunk * (prompt_len + cfg.max_new_tokens) * hidden_size * 4 / 2 ** 20
+    return "deferred" if mb <= cfg.feature_buffer_mb else "per_step"
 
 
 def _needs_last_hidden(read_at: str) -> bool:
@@ -265,13 +299,19 @@ def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
     P = len(prompt_ids)
     T = cfg.max_new_tokens
     feed_last = score and _needs_last_hidden(cfg.read_at)
+    mode = resolve_head_mode(cfg, int(getattr(model, "hidden_size", 0) or 0), P) if score else ""
+    fl = getattr(model, "feature_layer", -2)
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     cache_kw = _cache_kw(backbone)
     out = backbone(input_ids=prompt, use_cache=True, output_hidden_states=score,
                    logits_to_keep=1)
     prefill_cache = _out_cache(out)
     prefill_logits = out.logits[:, -1, :]                      # (1, V)
-    prefill_head = model.head_logits_from_hidden(out.hidden_states)[0] if score else None  # (P,)
+    prefill_head = prefill_feats = None
+    if mode == "per_step":
+        prefill_head = model.head_logits_from_hidden(out.hidden_states)[0]        # (P,)
+    elif mode == "deferred":
+        prefill_feats = out.hidden_states[fl][0]                                 # (P, C)
     del out
 
     chunks: list[_Chunk] = []
@@ -283,10 +323,14 @@ def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
         cache.batch_repeat_interleave(R)
         ids = torch.full((R, P + T), pad_id, dtype=torch.long, device=device)
         ids[:, :P] = prompt
-        head = None
-        if score:
+        head = feats = None
+        if mode == "per_step":
             head = torch.full((R, P + T), float("nan"), dtype=torch.float32, device=device)
             head[:, :P] = prefill_head
+        elif mode == "deferred":
+            feats = torch.full((R, P + T, prefill_feats.shape[-1]), float("nan"),
+                               dtype=prefill_feats.dtype, device=device)
+            feats[:, :P] = prefill_feats
         lengths = torch.full((R,), P + T, dtype=torch.long, device=device)
         hit_max = torch.ones(R, dtype=torch.bool, device=device)
         rows = torch.arange(R, device=device)        # chunk row of each cache row
@@ -318,8 +362,10 @@ def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
                 done = done[keep]
             out = backbone(input_ids=nxt[:, None], use_cache=True, output_hidden_states=score,
                            **{cache_kw: cache})
-            if score:
+            if mode == "per_step":
                 head[rows, P + t] = model.head_logits_from_hidden(out.hidden_states)[:, -1]
+            elif mode == "deferred":
+                feats[rows, P + t] = out.hidden_states[fl][:, -1]
             if last:
                 break
             logits = out.logits[:, -1, :]
@@ -333,7 +379,8 @@ def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
             del out
         Lmax = int(lengths.max())
         chunks.append(_Chunk(ids=ids[:, :Lmax], lengths=lengths,
-                             head=None if head is None else head[:, :Lmax], hit_max=hit_max))
+                             head=None if head is None else head[:, :Lmax], hit_max=hit_max,
+                             feats=None if feats is None else feats[:, :Lmax]))
     return chunks
 
 
@@ -351,6 +398,25 @@ def _step_mask(ids: torch.Tensor, lengths: torch.Tensor, tokenizer: Any, cfg: Ge
     mask = step_mask(ids, tokenizer, cfg.segmenter, span=cfg.span, read_at=cfg.read_at,
                      attention_mask=attn, **kw)
     return mask.bool() & attn.bool()
+
+
+@torch.inference_mode()
+def finish_chunk(model: Any, chunk: _Chunk, tokenizer: Any, cfg: GenerateConfig,
+                 prompt_len: int) -> torch.Tensor:
+    """Compute the step mask (R, L) of a decoded chunk and make sure ``chunk.head``
+    holds the head logits at every masked position (deferred mode: the head is
+    applied here, only to the masked positions' stored features)."""
+    from .sprm import scale_grad
+
+    mask = _step_mask(chunk.ids, chunk.lengths, tokenizer, cfg, prompt_len)
+    if chunk.head is None and chunk.feats is not None:
+        head = torch.full(mask.shape, float("nan"), dtype=torch.float32, device=mask.device)
+        if mask.any():
+            f = chunk.feats[mask]                                        # (n_steps, C)
+            head[mask] = model.head_logits(scale_grad(f, model.grad_scale))
+        chunk.head = head
+        chunk.feats = None
+    return mask
 
 
 def _aggregators(cfg: GenerateConfig) -> list[str]:
@@ -455,7 +521,7 @@ def generate_best_of_n(model: Any, tokenizer: Any, problems: Sequence[Any], task
             seconds = time.perf_counter() - t0
             trajs: list[Trajectory] = []
             for ch in chunks:
-                mask = _step_mask(ch.ids, ch.lengths, tokenizer, cfg, len(prompt_ids)) \
+                mask = finish_chunk(model, ch, tokenizer, cfg, len(prompt_ids)) \
                     if cfg.score else None
                 trajs += _build_trajectories(ch, mask, len(prompt_ids), tokenizer, problem, task,
                                              eos, pad_id, aggs, cfg.read_at)

@@ -96,6 +96,15 @@ def test_config_validation():
         GenerateConfig.from_dict({"kk": 3})
 
 
+def test_head_mode_auto_respects_buffer_budget():
+    small = GenerateConfig(k=4, max_new_tokens=10, feature_buffer_mb=1.0)
+    assert G.resolve_head_mode(small, 32, 10) == "deferred"
+    big = GenerateConfig(k=32, max_new_tokens=8192, feature_buffer_mb=1.0)
+    assert G.resolve_head_mode(big, 1536, 100) == "per_step"
+    with pytest.raises(ConfigError, match="head_mode"):
+        GenerateConfig(head_mode="lazy")
+
+
 def test_effort_modes():
     assert [GenerateConfig(effort=e).k for e in ("low", "medium", "high")] == [2, 8, 32]
     assert GenerateConfig(effort="high", effort_map={"high": 64}).k == 64
@@ -168,11 +177,13 @@ SEGMENTERS = [("reference", {}), ("paragraph", {}), ("sentence", {}),
               ("regex", {"pattern": r"\.\n\n"}), ("fixed", {"n": 3})]
 
 
+@pytest.mark.parametrize("head_mode", ["per_step", "deferred"])
 @pytest.mark.parametrize("read_at", ["before_step_token", "step_token"])
 @pytest.mark.parametrize("segmenter,options", SEGMENTERS)
-def test_inflight_scores_equal_reforward(tok, model, segmenter, options, read_at):
+def test_inflight_scores_equal_reforward(tok, model, segmenter, options, read_at, head_mode):
     cfg = GenerateConfig(k=6, max_new_tokens=20, chunk_size=4, temperature=1.0,
-                         segmenter=segmenter, segmenter_options=options, read_at=read_at, seed=3)
+                         segmenter=segmenter, segmenter_options=options, read_at=read_at, seed=3,
+                         head_mode=head_mode)
     out = generate_best_of_n(model, tok, [Prob(PROMPT)], None, cfg)[0].trajectories
     prompt_ids = tok(PROMPT)["input_ids"]
     seqs = [prompt_ids + t.token_ids for t in out]
@@ -191,11 +202,13 @@ def test_inflight_scores_equal_reforward(tok, model, segmenter, options, read_at
     assert max(all_scores) - min(all_scores) > 1e-3
 
 
-def test_reforward_with_final_token_read(tok, model):
+@pytest.mark.parametrize("head_mode", ["per_step", "deferred"])
+def test_reforward_with_final_token_read(tok, model, head_mode):
     """read_at='step_token' on a sequence that ends with a step token needs the
     final token's hidden state: the engine feeds it once more."""
     cfg = GenerateConfig(k=8, max_new_tokens=6, temperature=1.0, read_at="step_token",
-                         segmenter="fixed", segmenter_options={"n": 1}, ignore_eos=True)
+                         segmenter="fixed", segmenter_options={"n": 1}, ignore_eos=True,
+                         head_mode=head_mode)
     out = generate_best_of_n(model, tok, [Prob(PROMPT)], None, cfg)[0].trajectories
     prompt_ids = tok(PROMPT)["input_ids"]
     P = len(prompt_ids)
@@ -247,3 +260,35 @@ def test_vllm_backend_is_honest(tok, model):
         pass
     with pytest.raises(ConfigError, match="vllm"):
         G.BACKENDS.get("vllm")(model, tok, [Prob(PROMPT)], None, GenerateConfig(k=2))
+
+
+def test_sample_next_probe_matches_full_sort_distribution():
+    """The top-k probe must give the same nucleus as a full sort, whether or not
+    the probe covers it (flat logits force the fallback)."""
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.3, 6.0):   # flat (fallback path) and peaked (probe path)
+        logits = torch.randn(1, 300, generator=g) * scale
+        probs = torch.softmax(logits, -1)[0]
+        sp, si = probs.sort(descending=True)
+        keep = set(si[((sp.cumsum(0) - sp) < 0.9)].tolist())
+        draws = G.sample_next(logits.repeat(4000, 1), 1.0, 0.9, g, probe=4)
+        assert set(draws.tolist()) <= keep
+        if len(keep) <= 20:     # every nucleus token gets drawn
+            assert set(draws.tolist()) == keep
+
+
+def test_bench_inference_cli_prints_json_last(capsys):
+    import json
+
+    pytest.importorskip("metastone_lab.backbones.build")
+    from metastone_lab.bench import cli_inference
+
+    rc = cli_inference(["--backbone", "random-small", "--k", "2", "--max-new-tokens", "3",
+                        "--n-prompts", "1", "--repeats", "1", "--warmup", "0"])
+    assert rc == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    res = json.loads(last)
+    for key in ("k", "p1_scoring_overhead", "reforward_overhead", "p2_hf_generate_over_ours",
+                "p5_peak_rss_gib"):
+        assert key in res
+    assert res["k"] == 2 and res["p1_scoring_overhead"] > 0 and res["p5_peak_rss_gib"] > 0

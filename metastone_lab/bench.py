@@ -1,0 +1,231 @@
+"""Benchmarks behind ``metastone-lab bench ...``.
+
+Each subcommand is a ``cli_*(argv) -> int`` function that prints human-readable
+lines and, as its **last line**, one JSON object with the figures.
+
+``bench inference`` (:func:`cli_inference`) - best-of-N generation with in-flight
+SPRM scoring. All baselines run in the same process, on the same prompts, with
+warm-up and repeats (medians reported):
+
+* ``p1_scoring_overhead`` = (our BoN decode + in-flight scoring + step readout)
+  / (the same decode without scoring). Goal <= 1.03.
+* ``reforward_overhead`` = (reference-style scoring: one batched forward over each
+  finished trajectory + step mask) / (our unscored decode). For contrast.
+* ``p2_hf_generate_over_ours`` = ``model.generate(num_return_sequences=k)`` time /
+  our scored BoN time at the same k and the same sampled length (both forced to
+  exactly ``max_new_tokens``: ``min_new_tokens`` for HF, ``ignore_eos`` for ours).
+  Goal >= 1.5.
+* ``p5_peak_rss_gib`` = peak RSS (``ru_maxrss``) of the process after our BoN at
+  k, measured before the HF / re-forward baselines run. Goal <= 2 GiB.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+
+# ------------------------------------------------------------------ helpers
+def _peak_rss_gib() -> float:
+    """Peak resident set size of this process in GiB (Linux ru_maxrss is KiB)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / (1024 ** 3) if sys.platform == "darwin" else r / (1024 ** 2)
+
+
+def _interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
+                         ) -> dict[str, dict[str, float]]:
+    """Median wall and CPU (process) seconds of each fn, run round-robin
+    (A B C A B C ...) so that load drift on a shared machine hits all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    wall: dict[str, list[float]] = {n: [] for n in fns}
+    cpu: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(repeats):
+        for n, fn in fns.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            cpu[n].append(time.process_time() - c0)
+            wall[n].append(time.perf_counter() - w0)
+    return {n: {"wall": statistics.median(wall[n]), "cpu": statistics.median(cpu[n])}
+            for n in fns}
+
+
+def _random_backbone(seed: int = 0, tiny: bool = False):
+    """The default tiny architecture with random weights (development fallback).
+
+    ``tiny=True`` builds a much smaller model (tests)."""
+    from .backbones.build import TinyBackboneConfig, make_model
+    from .backbones.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    cfg = TinyBackboneConfig(seed=seed)
+    if tiny:
+        cfg = TinyBackboneConfig(seed=seed, hidden_size=32, num_layers=2, num_heads=2,
+                                 intermediate_size=64)
+    return make_model(cfg, tok).eval(), tok
+
+
+def _load(spec: str):
+    if spec in ("random", "random-small"):
+        return _random_backbone(tiny=spec == "random-small")
+    from .backbones import load_backbone
+
+    return load_backbone(spec)
+
+
+# ----------------------------------------------------------------- inference
+def inference_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="metastone-lab bench inference",
+        description="Benchmark best-of-N generation with in-flight SPRM scoring against "
+                    "unscored decoding, reference re-forward scoring and HF generate.")
+    p.add_argument("--backbone", default="tiny",
+                   help="backbone spec for load_backbone ('tiny' default, 'smollm2', a local "
+                        "HF dir), 'random' (tiny architecture, random weights) or "
+                        "'random-small' (a toy, for tests)")
+    p.add_argument("--head", default=None, help="score_module.pt to load (default: random head)")
+    p.add_argument("--k", type=int, default=32, help="samples per prompt (default 32)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--n-prompts", type=int, default=4, help="arith test prompts (default 4)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--segmenter", default="reference")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-hf", action="store_true", help="skip the HF generate baseline")
+    p.add_argument("--head-mode", default="auto", choices=["auto", "per_step", "deferred"],
+                   help="in-flight head mode for the headline P1 (both are also reported)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="clock of the headline ratios: wall (default) or process CPU time "
+                        "(steadier on a shared machine with --threads 1); both are reported")
+    return p
+
+
+def run_inference_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
+    """Run the inference benchmark; returns the result dict (see module docstring)."""
+    import torch
+
+    from . import generate as G
+    from .sprm import ReflectiveModel, load_score_module
+    from .tasks import get_task
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    lm, tok = _load(args.backbone)
+    lm.eval()
+    head = None
+    if args.head:
+        head = load_score_module(args.head, int(lm.config.hidden_size))
+    model = ReflectiveModel(lm, head=head).eval()
+    prompts = [p.prompt for p in get_task("arith").problems("test", args.n_prompts)]
+    prompt_ids = [G._encode_prompt(tok, p) for p in prompts]
+    k, T = args.k, args.max_new_tokens
+    base = dict(k=k, max_new_tokens=T, chunk_size=k, temperature=args.temperature,
+                top_p=args.top_p, segmenter=args.segmenter, ignore_eos=True, seed=args.seed)
+    cfg_plain = G.GenerateConfig(**base, score=False)
+    cfg_score = G.GenerateConfig(**base, score=True, head_mode=args.head_mode)
+    other = "per_step" if G.resolve_head_mode(cfg_score, model.hidden_size, len(prompt_ids[0])) \
+        == "deferred" else "deferred"
+    cfg_other = G.GenerateConfig(**base, score=True, head_mode=other)
+    eos = G._eos_ids(model, tok)
+    pad = G._pad_id(tok, eos)
+    aggs = G._aggregators(cfg_score)
+    log(f"bench inference: backbone={args.backbone} k={k} max_new_tokens={T} "
+        f"prompts={len(prompt_ids)} threads={args.threads} repeats={args.repeats} "
+        f"head_mode={G.resolve_head_mode(cfg_score, model.hidden_size, len(prompt_ids[0]))}")
+
+    finished: list[list[list[int]]] = []
+
+    def ours(cfg: G.GenerateConfig, keep: bool = False) -> None:
+        gen = torch.Generator().manual_seed(args.seed)
+        for pids in prompt_ids:
+            chunks = G.decode_chunks(model, pids, cfg, eos=eos, pad_id=pad, generator=gen)
+            for ch in chunks:
+                if cfg.score:   # step mask + head readout + trajectory scores count as scoring
+                    mask = G.finish_chunk(model, ch, tok, cfg, len(pids))
+                    G._trajectory_scores(ch.head, mask, aggs)
+                    torch.sigmoid(ch.head[mask])
+                if keep:
+                    finished.append([ch.ids[r, :int(ch.lengths[r])].tolist()
+                                     for r in range(ch.ids.shape[0])])
+
+    # P5 first: peak RSS of our scored BoN, before any baseline touches memory
+    ours(cfg_score)
+    peak = _peak_rss_gib()
+    ours(cfg_plain, keep=True)
+
+    def reforward() -> None:
+        for pids, seqs in zip(prompt_ids, finished):
+            G.reforward_scores(model, tok, seqs, segmenter=args.segmenter,
+                               prompt_lens=[len(pids)] * len(seqs), batch_size=k, pad_id=pad)
+
+    def hf() -> None:
+        torch.manual_seed(args.seed)
+        with torch.inference_mode():
+            for pids in prompt_ids:
+                lm.generate(input_ids=torch.tensor([pids]), do_sample=True,
+                            temperature=args.temperature, top_p=args.top_p, top_k=0,
+                            num_return_sequences=k, max_new_tokens=T, min_new_tokens=T,
+                            pad_token_id=pad)
+
+    fns = {"ours_plain": lambda: ours(cfg_plain), "ours_scored": lambda: ours(cfg_score),
+           f"ours_scored_{other}": lambda: ours(cfg_other), "reforward": reforward}
+    if not args.skip_hf:
+        fns["hf_generate"] = hf
+    t = _interleaved_medians(fns, args.repeats, args.warmup)
+    c = args.clock
+
+    def ratio(a: str, b: str, clock: str = c) -> float | None:
+        if a not in t or b not in t:
+            return None
+        return round(t[a][clock] / t[b][clock], 4)
+
+    for n, v in t.items():
+        log(f"  {n:<26}: wall {v['wall']:.3f} s   cpu {v['cpu']:.3f} s")
+    log(f"  peak RSS after our BoN    : {peak:.3f} GiB")
+    tokens = len(prompt_ids) * k * T
+    return {
+        "k": k,
+        "p1_scoring_overhead": ratio("ours_scored", "ours_plain"),
+        "reforward_overhead": ratio("reforward", "ours_plain"),
+        "p2_hf_generate_over_ours": ratio("hf_generate", "ours_scored"),
+        "p5_peak_rss_gib": round(peak, 4),
+        "clock": c,
+        "head_mode": cfg_score.head_mode if cfg_score.head_mode != "auto" else
+        G.resolve_head_mode(cfg_score, model.hidden_size, len(prompt_ids[0])),
+        f"p1_scoring_overhead_{other}": ratio(f"ours_scored_{other}", "ours_plain"),
+        "other_clock": {
+            "p1_scoring_overhead": ratio("ours_scored", "ours_plain", "cpu" if c == "wall" else "wall"),
+            "reforward_overhead": ratio("reforward", "ours_plain", "cpu" if c == "wall" else "wall"),
+            "p2_hf_generate_over_ours": ratio("hf_generate", "ours_scored",
+                                              "cpu" if c == "wall" else "wall"),
+        },
+        "backbone": args.backbone,
+        "max_new_tokens": T,
+        "n_prompts": len(prompt_ids),
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "seconds": {n: {kk: round(vv, 4) for kk, vv in v.items()} for n, v in t.items()},
+        "ours_scored_tokens_per_s": round(tokens / t["ours_scored"]["wall"], 1),
+    }
+
+
+def cli_inference(argv: list[str] | None = None) -> int:
+    """``metastone-lab bench inference``: last output line is one JSON object."""
+    args = inference_parser().parse_args(argv)
+    from .errors import ConfigError
+
+    for name in ("k", "max_new_tokens", "n_prompts", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"bench inference: --{name.replace('_', '-')} must be >= 1, "
+                              f"got {getattr(args, name)}")
+    result = run_inference_bench(args)
+    print(json.dumps(result), flush=True)
+    return 0
