@@ -244,3 +244,26 @@ def test_train_loop_logs_every_step_to_jsonl_and_tracker(micro, tmp_path, mode):
     assert res.checkpoint is not None and res.checkpoint.name == "ckpt-3"
     assert (res.checkpoint / "adapter" / "adapter_model.safetensors").exists()
     assert res.steps_done == 3 and tr.params is not None
+
+
+def test_sparse_head_forward_equals_reflective_model_at_step_positions(micro):
+    t = make_trainer(micro)
+    b = fixed_batch(t.tokenizer, t.task)
+    t.model.eval()
+    mask = t._step_mask(b)
+    with torch.no_grad():
+        logits, sparse = t.model(b.input_ids, b.attention_mask, mask)
+        full = t.rm(b.input_ids, attention_mask=b.attention_mask)
+    assert torch.allclose(logits, full.logits, atol=1e-6)
+    assert torch.allclose(sparse[mask], full.step_logits[mask], atol=1e-6)
+    assert (sparse[~mask] == 0).all()
+
+
+def test_bench_train_prints_json_last_line(micro, capsys):
+    from metastone_lab.bench import cli_train
+
+    assert cli_train(["--backbone", str(micro), "--n", "2", "--prompts", "2",
+                      "--max-new-tokens", "8", "--repeats", "2", "--warmup", "1"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"joint_step_s", "policy_step_s", "ratio", "tokens_per_s"} <= set(res)
+    assert res["ratio"] == pytest.approx(res["joint_step_s"] / res["policy_step_s"], rel=1e-2)

@@ -80,6 +80,32 @@ def count(params) -> int:
     return int(sum(p.numel() for p in params))
 
 
+class SparseHeadForward(torch.nn.Module):
+    """The training forward of a :class:`ReflectiveModel`: one backbone pass, the LM
+    logits everywhere, and the SPRM head **only at the step positions** (the mask is
+    known before the forward in training). Values equal ``ReflectiveModel.forward``'s
+    ``step_logits`` at masked positions (0 elsewhere); it saves the head's cost at the
+    other ~90% of positions. This module is what DDP wraps.
+    """
+
+    def __init__(self, rm: Any):
+        super().__init__()
+        self.rm = rm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                step_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, L) ids -> logits (B, L, V), step_logits (B, L) or None without a mask."""
+        out = self.rm.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               output_hidden_states=step_mask is not None)
+        if step_mask is None:
+            return out.logits, None
+        feats = self.rm.features_from_hidden(out.hidden_states)          # (B, L, C)
+        picked = self.rm.head_logits(feats[step_mask])                    # (N,)
+        step_logits = torch.zeros(step_mask.shape, dtype=picked.dtype, device=picked.device)
+        step_logits = step_logits.masked_scatter(step_mask, picked)
+        return out.logits, step_logits
+
+
 class Trainer:
     """Builds the models, optimisers and data of one run; see the module docstring."""
 
@@ -162,7 +188,9 @@ class Trainer:
         self.optimizers["head"] = torch.optim.AdamW(head_params, lr=cfg.head_lr,
                                                     weight_decay=cfg.head_weight_decay)
         names = list(self.optimizers)
+        rm = SparseHeadForward(rm)
         if self.prm is not None:
+            self.prm = SparseHeadForward(self.prm)
             prepared = accelerator.prepare(rm, self.prm, *self.optimizers.values())
             self.model, self.prm = prepared[0], prepared[1]
             opts = prepared[2:]
@@ -180,7 +208,7 @@ class Trainer:
     @property
     def rm(self):
         """The unwrapped ReflectiveModel (policy + head)."""
-        return self.acc.unwrap_model(self.model)
+        return self.acc.unwrap_model(self.model).rm
 
     @property
     def policy(self):
@@ -190,7 +218,7 @@ class Trainer:
     @property
     def scorer(self):
         """The model whose head is trained/evaluated (the PRM copy in separate_prm)."""
-        return self.acc.unwrap_model(self.prm) if self.prm is not None else self.rm
+        return self.acc.unwrap_model(self.prm).rm if self.prm is not None else self.rm
 
     @property
     def head(self):
@@ -281,12 +309,9 @@ class Trainer:
         n_tok_global = self._allsum(b.n_response_tokens)
         denom = max(n_tok_global, 1.0) / self.world
         train_policy = cfg.mode in ("joint", "separate_prm")
-        if policy_only:
-            out_logits = self.policy(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-            step_logits = None
-        else:
-            out = self.model(b.input_ids, attention_mask=b.attention_mask)
-            out_logits, step_logits = out.logits, out.step_logits
+        mask = None if policy_only else self._step_mask(b)
+        own_head = mask if self.prm is None else None
+        out_logits, step_logits = self.model(b.input_ids, b.attention_mask, own_head)
         total = torch.zeros((), device=self.device)
         if train_policy or policy_only:
             logp = token_logprobs(out_logits, b.input_ids)
@@ -309,8 +334,7 @@ class Trainer:
             m["policy_loss"], m["kl"] = 0.0, 0.0
         if not policy_only:
             if self.prm is not None:
-                step_logits = self.prm(b.input_ids, attention_mask=b.attention_mask).step_logits
-            mask = self._step_mask(b)
+                _, step_logits = self.prm(b.input_ids, b.attention_mask, mask)
             outcome = b.correct.float()
             n_marks = self._allsum(int(mask.sum()))
             if n_marks == 0:
@@ -358,7 +382,7 @@ class Trainer:
         opt = self.optimizers["policy"]
         opt.zero_grad(set_to_none=True)
         denom = max(self._allsum(b.n_response_tokens), 1.0) / self.world
-        logits = self.model(b.input_ids, attention_mask=b.attention_mask).logits
+        logits, _ = self.model(b.input_ids, b.attention_mask, None)
         nll = -token_logprobs(logits, b.input_ids)
         loss = masked_token_mean(nll, b.token_mask, denom)
         self.acc.backward(loss)
