@@ -23,9 +23,9 @@ Padding: pass ``attention_mask`` (B, L); padded positions are never marked and e
 "first/last token" rule above is measured on the real tokens, so a left-padded row
 gives the same marks (shifted by the pad length) as the unpadded row.
 
-Strategies: ``reference`` (ids of ``tokenizer.encode('.\\n\\n')``), ``paragraph`` (token
-text contains ``"\\n\\n"``), ``sentence`` (. ! ? followed by whitespace), ``regex``
-(option ``pattern``), ``fixed`` (option ``n``), ``zh`` (the reference Chinese rule).
+Strategies: ``reference`` (ids of ``tokenizer.encode('.\\n\\n')``), ``paragraph`` (the
+token completing a blank line ``"\\n\\n"``, also across two ``"\\n"`` tokens), ``sentence``
+(. ! ? followed by whitespace), ``regex`` (option ``pattern``), ``fixed`` (option ``n``), ``zh`` (the reference Chinese rule).
 A strategy that can never fire for a tokenizer raises :class:`TokenizerError`.
 """
 from __future__ import annotations
@@ -150,8 +150,8 @@ def step_tokens(tokenizer: Any) -> StepTokens:
         hit = _CACHE.get(tokenizer)
     except TypeError:
         hit = _CACHE_BY_ID.get(id(tokenizer), (None, None))[1]
-    if hit is not None:
-        return hit
+    if hit is not None and hit.vocab_size == len(tokenizer):
+        return hit  # (a changed vocabulary, e.g. after add_tokens, is resolved again)
 
     def single(text: str) -> int | None:
         ids = tokenizer.encode(text, add_special_tokens=False)
@@ -246,15 +246,24 @@ def _mark_reference(input_ids, info, valid, *, marker: str = REFERENCE_MARKER,
 
 @_segmenter("paragraph")
 def _mark_paragraph(input_ids, info, valid):
-    """Tokens whose decoded text contains a blank line ``"\\n\\n"``."""
-    table = info.table("paragraph", lambda t: "\n\n" in t)
-    if not bool(table.any()):
+    """The token that completes a blank line ``"\\n\\n"``.
+
+    Marked: a token whose text contains ``"\\n\\n"`` (Qwen ``'.\\n\\n'``, GPT-2 ``'\\n\\n'``), or
+    a token starting with ``"\\n"`` right after a real token ending with ``"\\n"``:
+    GPT-2-style BPE pre-tokenises ``'.\\n\\nSo'`` as ``'.'``, ``'\\n'``, ``'\\n'``, ``'So'``
+    (``\\s+(?!\\S)``), so the second ``'\\n'`` is marked.
+    """
+    inside = info.table("paragraph", lambda t: "\n\n" in t)
+    ends_nl = info.table("paragraph.ends_nl", lambda t: t.endswith("\n"))
+    starts_nl = info.table("paragraph.starts_nl", lambda t: t.startswith("\n"))
+    if not bool(inside.any() or (ends_nl.any() and starts_nl.any())):
         raise TokenizerError(
             f"step strategy 'paragraph' can never fire with tokenizer {info.name}: no token "
-            f"contains '\\n\\n' (a blank line is split over several tokens). Use "
-            f"strategy='regex' (e.g. pattern=r'\\n\\n') or strategy='sentence'."
+            f"contains a newline, so a blank line '\\n\\n' cannot be seen. Use strategy='regex' "
+            f"(e.g. pattern=r'\\.\\s') or strategy='sentence'."
         )
-    return _lookup(input_ids, table) & valid
+    after_nl = _shift_right(_lookup(input_ids, ends_nl) & valid)
+    return (_lookup(input_ids, inside) | (_lookup(input_ids, starts_nl) & after_nl)) & valid
 
 
 _SENT_END = re.compile(r"[.!?](\s*)$")

@@ -8,13 +8,14 @@ from metastone_lab.errors import ConfigError, ShapeError, TokenizerError, Unknow
 from metastone_lab.steps import SEGMENTERS, check_strategy, step_mask, step_tokens
 
 
-def build_tokenizer(marker: bool = True, para: bool = True, think: bool = True):
+def build_tokenizer(marker: bool = True, para: bool = True, think: bool = True,
+                    newline: bool = True):
     """A word-level fast tokenizer. ``marker``: '.\\n\\n' is one token (Qwen-like);
     otherwise it splits into '.' + '\\n\\n' (GPT-2-BPE-like). ``para``: '\\n\\n' is a token."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<pad>", "<unk>", "\n", ".", "!", "?", " ", "。", "a", "b", "c", "1", "2", "3",
+    words = ["<pad>", "<unk>"] + (["\n"] if newline else []) + [".", "!", "?", " ", "。", "a", "b", "c", "1", "2", "3",
              "+", "=", "Step", ":", "The", "end", "好"]
     pieces = []
     if think:
@@ -64,6 +65,10 @@ def test_tokenizer_fixture(tok, split_tok):
     info = step_tokens(tok)
     assert info.think_id is not None and info.unthink_id is not None
     assert step_tokens(tok) is info  # cached per tokenizer
+    fresh = build_tokenizer()
+    info2 = step_tokens(fresh)
+    fresh.add_tokens(["Step 1"])
+    assert step_tokens(fresh) is not info2 and step_tokens(fresh).vocab_size == len(fresh)
 
 
 def test_reference_basic_shift(tok):
@@ -248,9 +253,19 @@ def test_multi_token_marker_reproduces_reference_on_request(split_tok):
 
 
 def test_paragraph_never_fires_raises():
-    t = build_tokenizer(marker=False, para=False)
+    t = build_tokenizer(marker=False, para=False, newline=False)
     with pytest.raises(TokenizerError, match=r"'paragraph'.*tiny-word-level-marker0.*regex"):
         check_strategy(t, "paragraph")
+
+
+def test_paragraph_across_two_newline_tokens():
+    # GPT-2-style BPE splits '.\n\nSo' into '.', '\n', '\n', 'So': the second '\n' completes it
+    t = build_tokenizer(marker=False, para=False)
+    # 0:T 1:a 2:. 3:\n 4:\n 5:b 6:\n 7:c 8:. 9:\n 10:\n 11:\n 12:E
+    ids = torch.tensor([enc(t, "<think>a.\n\nb\nc.\n\n\n</think>")])
+    assert len(ids[0]) == 13
+    assert positions(step_mask(ids, t, "paragraph", read_at="step_token")) == [[4, 10]]
+    assert positions(step_mask(ids, t, "paragraph")) == [[3, 9]]
 
 
 def test_missing_think_tags_warn_and_count_everything():
