@@ -50,7 +50,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import check, from_dict
-from .errors import ConfigError, ShapeError
+from .errors import ConfigError, NumericsError, ShapeError
 from .registry import Registry
 
 DEFAULT_EFFORT_MAP = {"low": 2, "medium": 8, "high": 32}
@@ -63,7 +63,7 @@ class GenerateConfig:
 
     ``k`` samples per problem (or ``effort`` in ``effort_map``: low/medium/high =
     2/8/32 by default; giving both with different values is an error).
-    ``temperature <= 0`` is greedy (all k samples identical: warned when k > 1).
+    ``temperature == 0`` is greedy (all k samples identical: warned when k > 1); < 0 is an error.
     ``chunk_size`` rows are decoded at once (0 = all k). ``segmenter`` /
     ``segmenter_options`` / ``read_at`` / ``span`` go to ``steps.step_mask``.
     ``aggregators``: trajectory scores to compute (None = all of
@@ -113,6 +113,9 @@ class GenerateConfig:
         check(self.max_new_tokens >= 1,
               f"GenerateConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         check(0.0 < self.top_p <= 1.0, f"GenerateConfig.top_p must be in (0, 1], got {self.top_p}")
+        check(self.temperature >= 0,
+              f"GenerateConfig.temperature must be >= 0, got {self.temperature}; use "
+              f"temperature=0 for greedy decoding or > 0 (e.g. 0.6) for sampling")
         check(self.chunk_size >= 0,
               f"GenerateConfig.chunk_size must be >= 0 (0 = all k at once), got {self.chunk_size}")
         check(self.head_mode in ("auto", "per_step", "deferred"),
@@ -307,6 +310,11 @@ def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
                    logits_to_keep=1)
     prefill_cache = _out_cache(out)
     prefill_logits = out.logits[:, -1, :]                      # (1, V)
+    if not bool(torch.isfinite(prefill_logits).all()):  # one cheap check per problem
+        raise NumericsError(
+            f"the backbone's next-token logits after the {P}-token prompt contain NaN/inf: its "
+            f"weights are corrupt or diverged, or the dtype overflows (fp16?); load an earlier "
+            f"checkpoint or run in float32")
     prefill_head = prefill_feats = None
     if mode == "per_step":
         prefill_head = model.head_logits_from_hidden(out.hidden_states)[0]        # (P,)
