@@ -25,7 +25,8 @@ gives the same marks (shifted by the pad length) as the unpadded row.
 
 Strategies: ``reference`` (ids of ``tokenizer.encode('.\\n\\n')``), ``paragraph`` (the
 token completing a blank line ``"\\n\\n"``, also across two ``"\\n"`` tokens), ``sentence``
-(. ! ? followed by whitespace), ``regex`` (option ``pattern``), ``fixed`` (option ``n``), ``zh`` (the reference Chinese rule).
+(. ! ? followed by whitespace), ``regex`` (option ``pattern``), ``fixed`` (option ``n``),
+``zh`` (the reference Chinese rule).
 A strategy that can never fire for a tokenizer raises :class:`TokenizerError`.
 """
 from __future__ import annotations
@@ -110,8 +111,11 @@ class StepTokens:
     @property
     def spaced_texts(self) -> list[str]:
         """Token texts with the SentencePiece leading space restored (for text matching)."""
-        self._load_texts()
-        return [(" " + t) if s else t for t, s in zip(self._texts, self._lead_space)]  # type: ignore[arg-type]
+        if "spaced" not in self._tables:
+            self._load_texts()
+            pairs = zip(self._texts, self._lead_space)  # type: ignore[arg-type]
+            self._tables["spaced"] = [(" " + t) if s else t for t, s in pairs]
+        return self._tables["spaced"]
 
     def table(self, key: str, predicate: Callable[[str], bool]) -> torch.Tensor:
         """Bool (V,) table of ids whose token text satisfies ``predicate`` (cached by key)."""

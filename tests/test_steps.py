@@ -1,6 +1,4 @@
 """Step masks on hand-built token sequences, with tokenizers built in the test."""
-import warnings
-
 import pytest
 import torch
 
@@ -15,8 +13,9 @@ def build_tokenizer(marker: bool = True, para: bool = True, think: bool = True,
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<pad>", "<unk>"] + (["\n"] if newline else []) + [".", "!", "?", " ", "。", "a", "b", "c", "1", "2", "3",
-             "+", "=", "Step", ":", "The", "end", "好"]
+    words = ["<pad>", "<unk>"] + (["\n"] if newline else [])
+    words += [".", "!", "?", " ", "。", "a", "b", "c", "1", "2", "3", "+", "=", "Step", ":", "The",
+              "end", "好"]
     pieces = []
     if think:
         words += ["<think>", "</think>"]
@@ -357,3 +356,23 @@ def test_zh_rule(tok):
     # 0:T 1:好 2:。 3:a 4:\n 5:b 6:E
     ids = ids_of(tok, "<think>好。a\nb</think>")
     assert positions(step_mask(ids, tok, "zh", read_at="step_token")) == [[2, 4]]
+
+
+def test_sentencepiece_leading_space_is_restored():
+    """SentencePiece decodes a lone '▁The' as 'The'; the text strategies must still see the space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "\u2581The", "\u2581end", ".", "\u2581a", "1", "!"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])
+    tk.decoder = decoders.Metaspace()
+    t = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+    # 0:▁The 1:▁end 2:. 3:▁The 4:▁end 5:. 6:1
+    ids = torch.tensor([t.encode("The end. The end.1", add_special_tokens=False)])
+    assert ids.shape[1] == 7
+    with pytest.warns(UserWarning):
+        m = step_mask(ids, t, "sentence", read_at="step_token")
+        assert positions(m) == [[2]]  # the second '.' is followed by '1', not whitespace
+        r = step_mask(ids, t, "regex", read_at="step_token", pattern=r"end\. The")
+        assert positions(r) == [[3]]
