@@ -8,9 +8,11 @@ The cache root is ``cache_dir`` / ``$METASTONE_LAB_CACHE`` / the user cache dir.
 """
 from __future__ import annotations
 
+import difflib
 import os
 from typing import Any, Callable
 
+from ..errors import UnknownNameError
 from ..registry import Registry
 from .build import TinyBackboneConfig, build_tiny_backbone, default_dir
 from .cache import cache_root
@@ -55,7 +57,14 @@ def load_backbone(spec: str = "tiny", *, cache_dir: str | os.PathLike | None = N
     """
     if spec in BACKBONES:
         return BACKBONES.get(spec)(cache_dir=cache_dir, config=config, log=log)
-    from .hf import load_hf
+    from .hf import _looks_local, load_hf
+
+    close = difflib.get_close_matches(str(spec), BACKBONES.names(), n=1, cutoff=0.75)
+    if close and not _looks_local(str(spec)):  # a typo of a built-in, not a hub id
+        raise UnknownNameError(
+            f"unknown backbone {spec!r}: did you mean {close[0]!r}? Built-in backbones: "
+            f"{', '.join(BACKBONES.names())}; anything else must be a local model directory "
+            f"or a hub id")
 
     return load_hf(spec)
 

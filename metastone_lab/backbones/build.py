@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import check, from_dict, parse_override, to_dict
-from ..io_utils import atomic_dir, atomic_write_json
+from ..io_utils import _ensure_dir, atomic_dir, atomic_write_json
 from . import cache
 
 NON_MODEL_KEYS = ("threads",)  # fields that do not change the built model / report
@@ -267,6 +267,7 @@ def build_tiny_backbone(cfg: TinyBackboneConfig | None = None, out_dir: str | Pa
             return {**manifest.get("report", {}), "cached": True, "path": str(out)}
         if out.exists():
             log(f"{out} is incomplete, corrupt or from another config: rebuilding")
+    _ensure_dir(out.parent)  # an unwritable or blocked cache dir fails now, not after training
     t0 = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
