@@ -211,7 +211,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(micro, tmp_path):
         torch.set_num_threads(threads)
     assert res.start_step == k  # (a) continued from the last complete checkpoint
     rows = JsonlLog(crashed / "metrics.jsonl").read()
-    assert [r["step"] for r in rows] == list(range(1, steps + 1))  # (b) no gaps / duplicates
+    assert [r["step"] for r in rows] == list(range(0, steps + 1))  # (b) no gaps / duplicates
     ref_rows = JsonlLog(tmp_path / "reference" / "metrics.jsonl").read()
     strip = [{k2: v for k2, v in r.items() if k2 not in TIMING_KEYS} for r in rows]
     ref_strip = [{k2: v for k2, v in r.items() if k2 not in TIMING_KEYS} for r in ref_rows]

@@ -69,6 +69,7 @@ class TrainConfig:
     eval_val_problems: int = 32     # validation: threshold choice only
     eval_test_problems: int = 32    # held-out test: reported AUROC / F1 / pass@1
     eval_samples: int = 4           # trajectories per eval problem
+    eval_at_start: bool = True      # evaluate the starting model, logged as step 0
     eval_seed: int = 1234
     aha_threshold: float = 0.8
     aha_patience: int = 2

@@ -571,11 +571,21 @@ def train(cfg: TrainConfig, tracker: Any = None, *, model: Any = None, tokenizer
         log.truncate_after(start)
         if start == 0:
             tracker.log_params(cfg.to_dict())
+            if log.path.exists():
+                log.path.unlink()  # a fresh run (no checkpoint to resume): start a new curve
     t.acc.wait_for_everyone()
     last: dict[str, Any] = {}
     evals = [dict(step=s, eval_auroc=a) for s, a in t.aha.history]
     path = existing
     t.model.train()
+    if start == 0 and cfg.eval_every and cfg.eval_at_start and cfg.mode != "sft":
+        ev = t.evaluate()  # the starting point of the curves, logged as step 0
+        if "eval_auroc" in ev:
+            t.aha.update(0, ev["eval_auroc"])
+        if main:
+            log.append(dict(_log_line(ev), step=0))
+            tracker.log_metrics(ev, step=0)
+        evals.append(dict(step=0, **ev))
     for step in range(start + 1, cfg.steps + 1):
         t.step = step
         t0 = time.perf_counter()
