@@ -722,3 +722,38 @@ def notebook_tracker(mlflow_run_id: str | None, tracking_uri: str | None = None,
     tags = {TAG_NOTEBOOK: notebook} if notebook else None
     t.start(experiment, run_name=run_name, params=params, tags=tags)
     return t
+
+
+def runs_frame(experiment: str, tracking_uri: str | None = None, *, children_only: bool = True,
+               status: str | None = "FINISHED"):
+    """All runs of ``experiment`` as a pandas DataFrame (``search_runs``).
+
+    Columns: ``run_id``, ``run_name``, ``status``, ``point`` (the runner's point
+    name tag), ``params.<name>``, ``metrics.<name>`` and ``tags.<name>``. With
+    ``children_only`` the sweep's parent runs are left out.
+    """
+    import pandas as pd
+
+    uri = tracking_uri or resolve_tracking_uri()
+    check_reachable(uri)
+    configure_http_env()
+    import mlflow
+
+    try:
+        mlflow.set_tracking_uri(uri)
+        frame = mlflow.search_runs(experiment_names=[experiment], output_format="pandas",
+                                   max_results=50000)
+    except Exception as e:
+        raise TrackingError(f"tracking store {uri}: search_runs({experiment!r}) failed: {e}. "
+                            f"{_fix_hint(uri)}") from e
+    if frame is None or len(frame) == 0:
+        return pd.DataFrame(columns=["run_id", "run_name", "status", "point"])
+    if "tags.mlflow.runName" in frame:
+        frame["run_name"] = frame["tags.mlflow.runName"]
+    if status is not None and "status" in frame:
+        frame = frame[frame.status == status]
+    if children_only and "tags.mlflow.parentRunId" in frame:
+        frame = frame[frame["tags.mlflow.parentRunId"].notna()]
+    if f"tags.{TAG_POINT}" in frame:
+        frame["point"] = frame[f"tags.{TAG_POINT}"]
+    return frame.reset_index(drop=True)

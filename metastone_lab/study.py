@@ -1,0 +1,332 @@
+"""The study pipeline behind the notebooks: backbone -> reflective training ->
+best-of-N evaluation -> summary. Notebooks call these functions and plot;
+all logic lives here, where it is tested.
+
+>>> cfg = from_dict(StudyConfig, {"train_steps": 20})
+>>> model, tok = prepare_backbone(cfg)
+>>> trained = train_reflective(cfg, model, tok)
+>>> ev = evaluate_tts(cfg, trained.model, tok)
+>>> summary = summarize(ev, trained, wall_seconds=...)
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .config import check, from_dict
+from .errors import ConfigError
+
+#: the headline numbers every study run reports (runs/<spec>/summary.json).
+SUMMARY_KEYS = ["pass@1", "pass@32", "bon@2", "bon@8", "bon@32", "majority@8", "majority@32",
+                "weighted@8", "weighted@32", "auroc", "step_f1", "aha_onset_step",
+                "wall_seconds"]
+
+
+@dataclass
+class StudyConfig:
+    """One study run: which backbone, how to train the head, how to evaluate.
+
+    ``train_mode``: ``head_only`` (frozen policy, cheap), ``joint`` (GRPO + SPR,
+    the paper's form), ``separate_prm`` (external-PRM baseline) or ``none``
+    (untrained head, a control). ``train``: extra :class:`TrainConfig` keys.
+    ``k_max`` samples per held-out test problem; accuracy at every k <= k_max
+    comes from that one run (reference grouping). The step-error threshold is
+    chosen on ``n_val`` validation problems, never on test.
+    """
+
+    backbone: str = "tiny"
+    task: str = "arith"
+    task_options: dict = field(default_factory=dict)
+    train_mode: Literal["head_only", "joint", "separate_prm", "none"] = "head_only"
+    train_steps: int = 40
+    train: dict = field(default_factory=dict)
+    k_max: int = 32
+    n_test: int = 200
+    n_val: int = 64
+    val_k: int = 8
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    segmenter: str = "reference"
+    segmenter_options: dict = field(default_factory=dict)
+    read_at: Literal["before_step_token", "step_token"] = "before_step_token"
+    aggregator: str = "geometric"
+    seed: int = 0
+    output_dir: str = "runs/study"
+
+    def __post_init__(self) -> None:
+        check(self.k_max >= 1, f"StudyConfig.k_max must be >= 1, got {self.k_max}")
+        check(self.n_test >= 1, f"StudyConfig.n_test must be >= 1, got {self.n_test}")
+        check(self.n_val >= 0, f"StudyConfig.n_val must be >= 0, got {self.n_val}")
+        check(self.val_k >= 1, f"StudyConfig.val_k must be >= 1, got {self.val_k}")
+        check(self.train_steps >= 0, f"StudyConfig.train_steps must be >= 0, got {self.train_steps}")
+        check(self.temperature > 0, f"StudyConfig.temperature must be > 0 for best-of-N sampling, "
+                                    f"got {self.temperature}")
+        check(self.max_new_tokens >= 1, "StudyConfig.max_new_tokens must be >= 1")
+        from . import scoring, steps, tasks
+
+        steps.SEGMENTERS.get(self.segmenter)
+        scoring.AGGREGATORS.get(self.aggregator)
+        tasks.TASKS.get(self.task)
+
+    def train_config(self):
+        """The :class:`TrainConfig` this study trains with (``train`` overrides last)."""
+        from .train import TrainConfig
+
+        base = dict(mode=self.train_mode if self.train_mode != "none" else "head_only",
+                    backbone=self.backbone, task=self.task, task_options=self.task_options,
+                    steps=self.train_steps, temperature=self.temperature,
+                    max_new_tokens=self.max_new_tokens, segmenter=self.segmenter,
+                    aggregator=self.aggregator, seed=self.seed,
+                    output_dir=str(Path(self.output_dir) / "train"),
+                    # a re-run of the same output_dir (e.g. a sweep point retried after a
+                    # crash) continues from its last complete checkpoint
+                    resume=True)
+        base.update(self.train)
+        return from_dict(TrainConfig, base, where="StudyConfig.train")
+
+    def generate_config(self, k: int, seed_offset: int = 0):
+        from .generate import GenerateConfig
+
+        return GenerateConfig(k=k, temperature=self.temperature, top_p=self.top_p,
+                              max_new_tokens=self.max_new_tokens, segmenter=self.segmenter,
+                              segmenter_options=dict(self.segmenter_options),
+                              read_at=self.read_at, seed=self.seed + seed_offset)
+
+
+def load_study_config(params: dict[str, Any]) -> StudyConfig:
+    """Build a :class:`StudyConfig` from notebook parameters, ignoring the
+    runner's reserved names (``mlflow_run_id`` ...)."""
+    from .runner import RESERVED
+
+    return from_dict(StudyConfig, {k: v for k, v in params.items() if k not in RESERVED})
+
+
+def config_from_namespace(namespace: dict[str, Any], cls: type = None):
+    """Build ``cls`` (default :class:`StudyConfig`) from the notebook's globals:
+    every name that is a field of ``cls`` is taken, nothing else."""
+    import dataclasses
+
+    cls = cls or StudyConfig
+    names = {f.name for f in dataclasses.fields(cls)}
+    return from_dict(cls, {k: namespace[k] for k in names if k in namespace})
+
+
+# ------------------------------------------------------------------ pipeline
+def prepare_backbone(cfg: StudyConfig):
+    """(model, tokenizer) for ``cfg.backbone``; the tiny default is built on first use."""
+    from .backbones import load_backbone
+
+    return load_backbone(cfg.backbone)
+
+
+@dataclass
+class Trained:
+    """A trained reflective model and its training record."""
+
+    model: Any                # ReflectiveModel (policy with LoRA + SPRM head)
+    result: Any               # TrainResult, or None when train_mode == "none"
+    scorer: Any = None        # separate_prm: the external PRM that scores; else None
+
+
+def train_reflective(cfg: StudyConfig, model, tokenizer, tracker=None) -> Trained:
+    """Train the SPRM head (and the policy, for ``joint``) on rollouts.
+
+    ``train_mode="none"`` returns the backbone wrapped with a fresh, untrained
+    head (a control for the ablations).
+    """
+    from .sprm import ReflectiveModel
+    from .train import Trainer, train
+
+    tcfg = cfg.train_config()
+    if cfg.train_mode == "none" or cfg.train_steps == 0:
+        import torch
+
+        torch.manual_seed(cfg.seed)
+        rm = ReflectiveModel(model, feature_layer=tcfg.feature_layer, grad_scale=0.0,
+                             head_width_mult=tcfg.head_width_mult, head_dropout=tcfg.head_dropout)
+        return Trained(rm.eval(), None)
+    # The trainer wraps the backbone with LoRA in place; keep the caller's copy clean.
+    result = train(tcfg, _TrainParams(tracker) if tracker is not None else None,
+                   model=copy.deepcopy(model), tokenizer=tokenizer)
+    return load_trained(result.checkpoint, model, tokenizer, result=result)
+
+
+class _TrainParams:
+    """Delegates to a tracker, logging the trainer's params as ``train.<key>`` so
+    they never collide with the study's own params on the same run."""
+
+    def __init__(self, tracker):
+        self._tracker = tracker
+
+    def log_params(self, params) -> None:
+        from .config import flatten
+
+        self._tracker.log_params({f"train.{k}": v for k, v in flatten(params).items()})
+
+    def __getattr__(self, name):
+        return getattr(self._tracker, name)
+
+
+def load_trained(checkpoint: str | Path, model, tokenizer, result=None) -> Trained:
+    """Rebuild the trained reflective model from a training checkpoint directory."""
+    import json
+
+    from .train import Trainer, TrainConfig
+
+    ckpt = Path(checkpoint)
+    state_file = ckpt / "state.json"
+    if not state_file.is_file():
+        raise ConfigError(f"{ckpt}: not a training checkpoint (no state.json); pass a "
+                          f"ckpt-<step> directory written by metastone-lab train")
+    state = json.loads(state_file.read_text())
+    data = dict(state["config"], init_from=str(ckpt), resume=False, steps=0,
+                output_dir=str(ckpt.parent / "_load"))
+    tcfg = from_dict(TrainConfig, data)
+    t = Trainer(tcfg, model=copy.deepcopy(model), tokenizer=tokenizer)
+    rm = _reflective(t.acc.unwrap_model(t.model)).eval()
+    scorer = _reflective(t.acc.unwrap_model(t.prm)).eval() if t.prm is not None else None
+    return Trained(rm, result, scorer)
+
+
+def _reflective(module):
+    """The ReflectiveModel inside the trainer's (possibly wrapped) training module."""
+    return getattr(module, "rm", module)
+
+
+@dataclass
+class Evaluation:
+    """Held-out best-of-N samples and their metric table."""
+
+    test: list            # list[ProblemSamples], k_max trajectories per test problem
+    val: list             # list[ProblemSamples] for threshold choice
+    table: Any            # tidy DataFrame (metrics.TABLE_COLUMNS)
+    seconds: float
+
+
+def _with_scorer(samples, scorer, tokenizer, cfg: StudyConfig):
+    """Re-score samples with an external PRM (separate_prm): re-forward scoring."""
+    from .generate import reforward_scores
+    from .scoring import AGGREGATORS, aggregate_scores
+
+    for ps in samples:
+        seqs, plens = [], []
+        for t in ps.trajectories:
+            seqs.append(list(tokenizer.encode(ps.problem.prompt, add_special_tokens=False))
+                        + list(t.token_ids))
+            plens.append(t.prompt_len or len(seqs[-1]) - len(t.token_ids))
+        res = reforward_scores(scorer, tokenizer, seqs, segmenter=cfg.segmenter,
+                               read_at=cfg.read_at, segmenter_options=cfg.segmenter_options,
+                               prompt_lens=plens)
+        for t, r in zip(ps.trajectories, res):
+            t.step_scores = r["scores"]
+            t.step_positions = r["positions"]
+            t.n_steps = len(r["scores"])
+            t.scores = {a: aggregate_scores(r["scores"], a) for a in AGGREGATORS.names()}
+    return samples
+
+
+def evaluate_tts(cfg: StudyConfig, trained: Trained | Any, tokenizer, *, task=None,
+                 split: str = "test", log: bool = True) -> Evaluation:
+    """Sample ``k_max`` trajectories per held-out problem, score them in flight,
+    and build the metric table (accuracy vs k per selector with CIs, AUROC,
+    ECE, step F1 with the threshold chosen on validation)."""
+    from .generate import evaluate, generate_best_of_n
+    from .tasks import get_task
+
+    model = trained.model if isinstance(trained, Trained) else trained
+    scorer = trained.scorer if isinstance(trained, Trained) else None
+    task = task or get_task(cfg.task, **cfg.task_options)
+    t0 = time.perf_counter()
+    test_problems = task.problems(split, cfg.n_test)
+    test = generate_best_of_n(model, tokenizer, test_problems, task, cfg.generate_config(cfg.k_max))
+    val = []
+    if cfg.n_val:
+        val = generate_best_of_n(model, tokenizer, task.problems("val", cfg.n_val), task,
+                                 cfg.generate_config(cfg.val_k, seed_offset=7919))
+    if scorer is not None:
+        _with_scorer(test, scorer, tokenizer, cfg)
+        _with_scorer(val, scorer, tokenizer, cfg)
+    table = evaluate(test, aggregator=cfg.aggregator, val_samples=val or None, seed=cfg.seed,
+                     log=log)
+    return Evaluation(test, val, table, time.perf_counter() - t0)
+
+
+def _value(table, metric: str, selector: str = "", k: int | None = None,
+           aggregator: str | None = None) -> float | None:
+    rows = table[(table.metric == metric) & (table.selector == selector)]
+    if k is not None:
+        rows = rows[rows.k == k]
+    if aggregator is not None:
+        rows = rows[rows.aggregator == aggregator]
+    return None if rows.empty else float(rows.value.iloc[0])
+
+
+def summarize(ev: Evaluation, trained: Trained | None = None, *, aggregator: str = "geometric",
+              wall_seconds: float | None = None) -> dict[str, Any]:
+    """The headline numbers (:data:`SUMMARY_KEYS`) from an evaluation table.
+
+    Keys for a k larger than the run's ``k_max`` are None. ``aha_onset_step``
+    comes from the training run (None if no onset was detected).
+    """
+    t = ev.table
+    out: dict[str, Any] = {"pass@1": _value(t, "accuracy", "pass@k", 1),
+                           "pass@32": _value(t, "accuracy", "pass@k", 32)}
+    for k in (2, 8, 32):
+        out[f"bon@{k}"] = _value(t, "accuracy", "sprm_bon", k)
+    for k in (8, 32):
+        out[f"majority@{k}"] = _value(t, "accuracy", "majority", k)
+        out[f"weighted@{k}"] = _value(t, "accuracy", "sprm_weighted_vote", k)
+    out["auroc"] = _value(t, "auroc", aggregator=aggregator)
+    out["step_f1"] = _value(t, "step_f1")
+    res = trained.result if trained is not None else None
+    out["aha_onset_step"] = getattr(res, "aha_onset_step", None)
+    out["wall_seconds"] = wall_seconds
+    out["n_test"] = len(ev.test)
+    out["eval_seconds"] = ev.seconds
+    return out
+
+
+def summary_frame(summary: dict[str, Any]):
+    """The summary as a one-row DataFrame with the :data:`SUMMARY_KEYS` columns."""
+    import pandas as pd
+
+    return pd.DataFrame([{k: summary.get(k) for k in SUMMARY_KEYS}])
+
+
+def finish(tracker, summary: dict[str, Any], output_dir: str | None, *,
+           trained: Trained | None = None, interactive: bool = True) -> dict[str, Any]:
+    """Close a notebook run: write ``summary.json`` (atomically) to
+    ``output_dir``, log it and the trained head and LoRA adapter as artifacts,
+    and, when the notebook runs interactively (not under the runner, which logs
+    the summary itself), log the summary values as metrics. Returns ``summary``.
+    """
+    import json
+    import math
+
+    from .io_utils import atomic_write_json
+
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
+    if output_dir:
+        atomic_write_json(Path(output_dir) / "summary.json", clean)
+    tracker.log_dict(clean, "summary.json")
+    if interactive:
+        from .tracking import metric_key
+
+        tracker.log_metrics({metric_key(k): float(v) for k, v in clean.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
+    ckpt = getattr(getattr(trained, "result", None), "checkpoint", None)
+    if ckpt is not None and Path(ckpt).is_dir():
+        for f in sorted(Path(ckpt).glob("*score_module.*")):
+            tracker.log_artifact(f, "head")
+        adapter = Path(ckpt) / "adapter"
+        if adapter.is_dir():
+            for f in sorted(adapter.iterdir()):
+                if f.is_file():
+                    tracker.log_artifact(f, "adapter")
+    tracker.close()
+    print(json.dumps(clean, indent=1, default=str))
+    return clean
