@@ -30,6 +30,7 @@ Interpretations (each switchable):
 
 Diagnostics (floats): ``n_steps`` (masked steps of valid rows), ``kept_fraction``,
 ``n_pos``/``n_neg`` (kept steps, local, before smoothing), ``pos_weight``/``neg_weight``,
+``weight_sum`` (the local ``sum(w)``, for combining ranks' losses),
 ``score_correct_mean``/``score_incorrect_mean`` (mean over trajectories of the
 geometric-mean step score ``exp(mean(log(clamp(sigmoid(x), 1e-6))))``; trajectories
 without a step are skipped, 0.0 when none is left), ``score_gap`` and the trajectory
@@ -182,6 +183,7 @@ def spr_loss(
         "n_neg": float(n_neg_local),
         "pos_weight": float(pos_w),
         "neg_weight": float(neg_w),
+        "weight_sum": float(w.sum()),
         "score_correct_mean": mean_of(corr),
         "score_incorrect_mean": mean_of(inc),
         "n_correct": float(corr.sum()),

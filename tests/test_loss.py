@@ -87,6 +87,7 @@ def test_diagnostics(batch):
     assert d["n_steps"] == 7 and d["n_pos"] == 2 and d["n_neg"] == 3
     assert d["kept_fraction"] == pytest.approx(5 / 7)
     assert d["pos_weight"] == pytest.approx(4 / 7) and d["neg_weight"] == pytest.approx(3 / 7)
+    assert d["weight_sum"] == pytest.approx(1.5 * 4 / 7 * 2 + 3 / 7 * 3)
     assert d["score_correct_mean"] == pytest.approx(geo(STEPS[0].values()), rel=1e-5)
     inc = (geo(STEPS[1].values()) + geo(STEPS[2].values())) / 2
     assert d["score_incorrect_mean"] == pytest.approx(inc, rel=1e-5)
