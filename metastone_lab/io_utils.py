@@ -16,9 +16,10 @@ from .errors import MetastoneError
 def _ensure_dir(path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
         raise MetastoneError(
-            f"cannot create directory {str(path)!r}: a file is in the way; "
+            f"cannot create directory {str(path)!r}: a file is in the way ({str(blocker)!r}); "
             f"remove it or choose another output/cache directory"
         ) from None
     except OSError as e:
