@@ -23,7 +23,6 @@ import math
 import random
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -570,7 +569,7 @@ def train(cfg: TrainConfig, tracker: Any = None, *, model: Any = None, tokenizer
         out_dir.mkdir(parents=True, exist_ok=True)
         log.truncate_after(start)
         if start == 0:
-            tracker.log_params(cfg.to_dict())
+            tracker.log_params({**cfg.to_dict(), "param_counts": t.param_counts})
             if log.path.exists():
                 log.path.unlink()  # a fresh run (no checkpoint to resume): start a new curve
     t.acc.wait_for_everyone()
@@ -619,7 +618,5 @@ def train(cfg: TrainConfig, tracker: Any = None, *, model: Any = None, tokenizer
         last = metrics
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
             path = t.save(out_dir)
-    if cfg.steps == start and path is None and cfg.steps == 0:
-        path = None
-    return TrainResult(out_dir, t.step if cfg.steps > start else start, start, last, evals,
+    return TrainResult(out_dir, max(t.step, start), start, last, evals,
                        t.aha.onset, path, t.param_counts, t.no_step_batches, out_dir / LOG_NAME)
