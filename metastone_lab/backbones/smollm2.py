@@ -37,12 +37,12 @@ def gguf_path() -> Path:
 
 
 def available() -> bool:
+    """True if the GGUF file and the ``gguf`` reader package are installed."""
     try:
         gguf_path()
-        importlib.util.find_spec("gguf") or (_ for _ in ()).throw(ImportError)
-        return True
-    except (CheckpointError, ImportError):
+    except CheckpointError:
         return False
+    return importlib.util.find_spec("gguf") is not None
 
 
 def _convert(gguf: Path, out: Path) -> None:
