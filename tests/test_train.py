@@ -268,3 +268,25 @@ def test_bench_train_prints_json_last_line(micro, capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"joint_step_s", "policy_step_s", "ratio", "tokens_per_s"} <= set(res)
     assert res["ratio"] == pytest.approx(res["joint_step_s"] / res["policy_step_s"], rel=1e-2)
+
+
+def test_aha_onset_is_logged_as_metric_and_tag(micro, tmp_path, monkeypatch):
+    from metastone_lab.training.trainer import AHA_TAG, Trainer
+
+    seq = iter([0.5, 0.6, 0.85, 0.9, 0.95])  # evals at steps 0, 1, 2, 3, 4
+
+    def fake_eval(self):
+        return {"eval_auroc": next(seq), "eval_pass1": 0.5}
+
+    monkeypatch.setattr(Trainer, "evaluate", fake_eval)
+    cfg = TrainConfig(mode="head_only", backbone=str(micro), n=2, prompts_per_step=1, steps=4,
+                      max_new_tokens=6, lora_r=2, lora_alpha=4, eval_every=1,
+                      checkpoint_every=0, output_dir=str(tmp_path / "aha"), task_options=TASK_OPTS)
+    tr = _RecTracker()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = train(cfg, tracker=tr)
+    assert res.aha_onset_step == 2
+    assert tr.tags == {AHA_TAG: 2}
+    logged = [(s, m["aha_onset_step"]) for s, m in tr.metrics if "aha_onset_step" in m]
+    assert logged == [(3, 2)]  # known one eval later (patience 2), value = onset step
