@@ -41,7 +41,7 @@ class TinyBackboneConfig:
     num_heads: int = 4
     intermediate_size: int = 384
     max_position: int = 128
-    steps: int = 500
+    steps: int = 350
     batch_size: int = 64
     lr: float = 3e-3
     warmup_steps: int = 50
@@ -194,7 +194,7 @@ def train(model, cfg: TinyBackboneConfig, data, pad_id: int,
             el = time.perf_counter() - t0
             log(f"step {step}/{cfg.steps}  loss {avg:.4f}  {tokens / el:.0f} tok/s  {el:.0f}s")
             _log_metrics({"backbone/train_loss": avg}, step=step)
-        if cfg.train_seconds and time.perf_counter() - t0 > cfg.train_seconds:
+        if cfg.train_seconds and step < cfg.steps and time.perf_counter() - t0 > cfg.train_seconds:
             stopped_by = "train_seconds"
             break
     el = time.perf_counter() - t0
