@@ -229,3 +229,90 @@ def cli_inference(argv: list[str] | None = None) -> int:
     result = run_inference_bench(args)
     print(json.dumps(result), flush=True)
     return 0
+
+
+# =========================================================================== train bench
+# ``metastone-lab bench train``: seconds per joint step (GRPO + SPR, one forward) vs a
+# policy-only GRPO step on the SAME rollouts, in the same process (owned by the
+# training engineer; appended to this module).
+
+def train_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="metastone-lab bench train",
+        description="Benchmark a joint GRPO+SPR step against a policy-only GRPO step on the "
+                    "same rollouts. The last output line is one JSON object.")
+    ap.add_argument("--backbone", default="tiny",
+                    help="backbone spec (tiny | micro | smollm2 | dir), or 'random' for the "
+                         "tiny architecture with random weights (default: tiny)")
+    ap.add_argument("--n", type=int, default=8, help="group size (default 8)")
+    ap.add_argument("--prompts", type=int, default=4, help="prompts per step (default 4)")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--kl-coef", type=float, default=1e-3)
+    ap.add_argument("--repeats", type=int, default=7, help="timed repeats (median reported)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def _train_bench_backbone(spec: str):
+    if spec == "random":
+        from .backbones.build import TinyBackboneConfig, make_model
+        from .backbones.tokenizer import build_tokenizer
+
+        tok = build_tokenizer()
+        return make_model(TinyBackboneConfig(), tok), tok
+    from .backbones import load_backbone
+
+    return load_backbone(spec)
+
+
+def run_train_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
+    """Time ``Trainer.update`` (joint) and ``Trainer.update(policy_only=True)`` on one
+    fixed rollout batch, interleaved (A B A B ...), after warm-up; medians."""
+    import tempfile
+
+    import torch
+
+    from .train import TrainConfig, Trainer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = _train_bench_backbone(args.backbone)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(backbone=args.backbone, n=args.n, prompts_per_step=args.prompts,
+                          max_new_tokens=args.max_new_tokens, kl_coef=args.kl_coef,
+                          eval_every=0, checkpoint_every=0, output_dir=tmp, seed=args.seed)
+        t = Trainer(cfg, model=model, tokenizer=tok)
+        batch = t.make_rollouts(t.train_problems(1))
+        tokens = int(batch.attention_mask.sum())
+        log(f"bench train: backbone={args.backbone} batch={len(batch)}x{batch.input_ids.shape[1]}"
+            f" tokens={tokens} response_tokens={batch.n_response_tokens} "
+            f"pass_rate={float(batch.correct.float().mean()):.3f} threads={torch.get_num_threads()}")
+        fns = {"joint": lambda: t.update(batch), "policy": lambda: t.update(batch, policy_only=True)}
+        for _ in range(args.warmup):
+            for fn in fns.values():
+                fn()
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(args.repeats):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+    joint, policy = statistics.median(times["joint"]), statistics.median(times["policy"])
+    res = {"joint_step_s": round(joint, 5), "policy_step_s": round(policy, 5),
+           "ratio": round(joint / policy, 4), "tokens_per_s": round(tokens / joint, 1),
+           "tokens": tokens, "batch": len(batch), "backbone": args.backbone,
+           "repeats": args.repeats, "warmup": args.warmup, "threads": torch.get_num_threads(),
+           "head_params": t.param_counts["head"], "lora_params": t.param_counts["lora"],
+           "backbone_params": t.param_counts["backbone"]}
+    log(f"joint {joint * 1e3:.1f} ms  policy-only {policy * 1e3:.1f} ms  ratio {joint / policy:.3f}")
+    return res
+
+
+def cli_train(argv: list[str] | None = None) -> int:
+    """``metastone-lab bench train``; prints one JSON object as the last line."""
+    args = train_parser().parse_args(argv)
+    res = run_train_bench(args, log=lambda s: print(s, file=sys.stderr))
+    print(json.dumps(res))
+    return 0
