@@ -709,7 +709,9 @@ def notebook_tracker(mlflow_run_id: str | None, tracking_uri: str | None = None,
                      notebook: str | None = None) -> Tracker:
     """The tracker a study notebook opens right after its parameters cell.
 
-    * Under the runner (``mlflow_run_id`` injected): attaches to that run and
+    * Under the runner (``mlflow_run_id`` injected): attaches to that run, logs
+      ``params`` (the full config, defaults included, next to the point's
+      parameters that the runner logged) and
       spools to ``<output_dir>/tracking_spool`` if the server goes away; with
       ``mlflow_run_id == "offline"`` it only spools.
     * Interactively (``mlflow_run_id`` is None): starts a new run in
@@ -717,7 +719,10 @@ def notebook_tracker(mlflow_run_id: str | None, tracking_uri: str | None = None,
     """
     spool = spool_dir_for(output_dir) if output_dir else None
     if mlflow_run_id:
-        return Tracker.resume(mlflow_run_id, tracking_uri, spool_dir=spool)
+        t = Tracker.resume(mlflow_run_id, tracking_uri, spool_dir=spool)
+        if params is not None:  # the full typed config, defaults included
+            t.log_params(params)
+        return t
     t = Tracker(tracking_uri, spool_dir=spool)
     tags = {TAG_NOTEBOOK: notebook} if notebook else None
     t.start(experiment, run_name=run_name, params=params, tags=tags)
