@@ -32,6 +32,12 @@ class TinyBackboneConfig:
     ``steps`` optimiser steps, or stops early after ``train_seconds`` (0 = no
     time cap; the report says which happened). ``temperature`` is the default
     sampling temperature, used for the pass@k measurement.
+
+    Defaults (measured, 2-core CPU): a 1.03M-parameter Llama (hidden 128, 4
+    layers, vocab 1363) trained 350 steps x 64 problems (~0.77M tokens) on
+    2-4-operation arithmetic gives on 200 test problems at T=0.8 pass@1 0.53,
+    pass@32 0.885 (500 steps: 0.76 / 0.955; 242 steps: 0.25 / 0.815).
+    Training runs at ~10-13K tok/s on idle cores.
     """
 
     task: dict[str, Any] = field(default_factory=dict)
@@ -196,6 +202,7 @@ def train(model, cfg: TinyBackboneConfig, data, pad_id: int,
             _log_metrics({"backbone/train_loss": avg}, step=step)
         if cfg.train_seconds and step < cfg.steps and time.perf_counter() - t0 > cfg.train_seconds:
             stopped_by = "train_seconds"
+            log(f"step {step}/{cfg.steps}: train_seconds={cfg.train_seconds:g} reached, stopping early")
             break
     el = time.perf_counter() - t0
     model.eval()
