@@ -129,6 +129,18 @@ def test_cli_last_line_is_json_report(tmp_path, capsys):
     assert Path(report["path"]).parent == tmp_path / "backbones"
 
 
+def test_build_logs_to_active_tracking_run(tmp_path):
+    tracking = pytest.importorskip("metastone_lab.tracking")
+    if not hasattr(tracking, "Tracker"):
+        pytest.skip("metastone_lab.tracking has no Tracker yet")
+    t = tracking.Tracker(local_dir=tmp_path / "trk")
+    with t.run("backbone-test"):
+        build_tiny_backbone(_fast(steps=10), tmp_path / "bb", log=QUIET)
+    ops = (tmp_path / "trk" / "ops.jsonl").read_text()
+    assert ops.count("backbone/train_loss") == 2           # loss curve: steps 5 and 10
+    assert "backbone/pass" in ops and "backbone/params" in ops
+
+
 def test_pass_at_k_estimator():
     assert pass_at_k(10, 0, 1) == 0.0 and pass_at_k(10, 10, 1) == 1.0
     assert pass_at_k(10, 3, 1) == pytest.approx(0.3)

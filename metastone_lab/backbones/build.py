@@ -296,7 +296,7 @@ def build_tiny_backbone(cfg: TinyBackboneConfig | None = None, out_dir: str | Pa
         atomic_write_json(tmp / "report.json", {**report, "loss_curve": tr["loss_curve"]})
         atomic_write_json(tmp / "build_config.json", cfg.key())
         cache.write_manifest(tmp, {"config": cfg.key(), "report": report})
-    _log_metrics({k: float(v) for k, v in report.items()
+    _log_metrics({f"backbone/{k}": float(v) for k, v in report.items()
                   if k.startswith("pass@") or k in ("params", "build_seconds", "mixed_fraction")})
     return {**report, "cached": False, "path": str(out)}
 
