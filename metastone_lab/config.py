@@ -210,4 +210,9 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):  # YAML 1.1 reads "3e-4" as text; take it as the number meant
+        try:
+            value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf") else value
+        except ValueError:
+            pass
     return key.strip(), value

@@ -83,6 +83,7 @@ def test_flatten_uses_dotted_keys():
 def test_parse_override_reads_yaml_scalars():
     assert parse_override("k=8") == ("k", 8)
     assert parse_override("name=abc") == ("name", "abc")
+    assert parse_override("lr=3e-4") == ("lr", 3e-4)   # YAML 1.1 alone would give "3e-4"
     with pytest.raises(ConfigError, match="key=value"):
         parse_override("k8")
 
