@@ -125,7 +125,7 @@ def run_inference_bench(args: argparse.Namespace, log: Callable[[str], None] = p
         head = load_score_module(args.head, int(lm.config.hidden_size))
     model = ReflectiveModel(lm, head=head).eval()
     prompts = [p.prompt for p in get_task("arith").problems("test", args.n_prompts)]
-    prompt_ids = [G._encode_prompt(tok, p) for p in prompts]
+    prompt_ids = [G.encode_prompt(tok, p) for p in prompts]
     k, T = args.k, args.max_new_tokens
     base = dict(k=k, max_new_tokens=T, chunk_size=k, temperature=args.temperature,
                 top_p=args.top_p, segmenter=args.segmenter, ignore_eos=True, seed=args.seed)

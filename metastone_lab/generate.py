@@ -231,7 +231,8 @@ def _context_len(model: Any) -> int | None:
     return getattr(backbone_config(_backbone(model)), "max_position_embeddings", None)
 
 
-def _encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """The prompt's token ids exactly as the engine feeds them (special tokens added)."""
     return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
 
@@ -521,7 +522,7 @@ def generate_best_of_n(model: Any, tokenizer: Any, problems: Sequence[Any], task
     results = []
     try:
         for pi, problem in enumerate(problems):
-            prompt_ids = _encode_prompt(tokenizer, problem.prompt)
+            prompt_ids = encode_prompt(tokenizer, problem.prompt)
             _check_context(model, len(prompt_ids), cfg, getattr(problem, "id", pi))
             gen = torch.Generator(device="cpu").manual_seed(int(cfg.seed) * 1_000_003 + pi)
             t0 = time.perf_counter()
@@ -683,7 +684,7 @@ def generate_best_of_n_vllm(model: Any, tokenizer: Any, problems: Sequence[Any],
     params = vllm.SamplingParams(n=cfg.k, temperature=max(cfg.temperature, 0.0), top_p=cfg.top_p,
                                  max_tokens=cfg.max_new_tokens, seed=cfg.seed,
                                  ignore_eos=cfg.ignore_eos)
-    prompts = [_encode_prompt(tokenizer, p.prompt) for p in problems]
+    prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     eos = _eos_ids(model, tokenizer)
     pad_id = _pad_id(tokenizer, eos)

@@ -56,6 +56,13 @@ class StudyConfig:
     aggregator: str = "geometric"
     seed: int = 0
     output_dir: str = "runs/study"
+    #: held-out split evaluated by :func:`evaluate_tts` ("test", or "ood" for transfer)
+    eval_split: Literal["test", "ood", "val"] = "test"
+    #: TinyBackboneConfig overrides for the "tiny"/"micro" family (e.g. {"hidden_size": 64});
+    #: a different config is a different, separately built and cached backbone
+    backbone_options: dict = field(default_factory=dict)
+    #: rollout cache folder (see rollout_cache); "" disables caching
+    cache_dir: str = ""
 
     def __post_init__(self) -> None:
         check(self.k_max >= 1, f"StudyConfig.k_max must be >= 1, got {self.k_max}")
@@ -99,10 +106,14 @@ class StudyConfig:
 
 def load_study_config(params: dict[str, Any]) -> StudyConfig:
     """Build a :class:`StudyConfig` from notebook parameters, ignoring the
-    runner's reserved names (``mlflow_run_id`` ...)."""
+    runner's reserved names (``mlflow_run_id`` ...) except ``output_dir``."""
+    import dataclasses
+
     from .runner import RESERVED
 
-    return from_dict(StudyConfig, {k: v for k, v in params.items() if k not in RESERVED})
+    fields = {f.name for f in dataclasses.fields(StudyConfig)}
+    return from_dict(StudyConfig, {k: v for k, v in params.items()
+                                   if k in fields or k not in RESERVED})
 
 
 def config_from_namespace(namespace: dict[str, Any], cls: type = None):
@@ -116,10 +127,31 @@ def config_from_namespace(namespace: dict[str, Any], cls: type = None):
 
 
 # ------------------------------------------------------------------ pipeline
+def backbone_config(cfg: StudyConfig):
+    """The :class:`TinyBackboneConfig` of a tiny-family backbone with
+    ``cfg.backbone_options`` applied, or None (other backbones / no options)."""
+    if not cfg.backbone_options:
+        return None
+    from .backbones import TinyBackboneConfig
+    from .config import to_dict
+
+    if cfg.backbone not in ("tiny", "micro"):
+        raise ConfigError(f"StudyConfig.backbone_options apply to the 'tiny'/'micro' family only, "
+                          f"not backbone={cfg.backbone!r}; remove backbone_options or use "
+                          f"backbone: tiny")
+    base = TinyBackboneConfig.micro() if cfg.backbone == "micro" else TinyBackboneConfig()
+    return from_dict(TinyBackboneConfig, {**to_dict(base), **cfg.backbone_options},
+                     where="StudyConfig.backbone_options")
+
+
 def prepare_backbone(cfg: StudyConfig):
-    """(model, tokenizer) for ``cfg.backbone``; the tiny default is built on first use."""
+    """(model, tokenizer) for ``cfg.backbone``; the tiny default is built on first use
+    (``backbone_options`` select another member of the tiny family, built and cached)."""
     from .backbones import load_backbone
 
+    bcfg = backbone_config(cfg)
+    if bcfg is not None:
+        return load_backbone(cfg.backbone, config=bcfg)
     return load_backbone(cfg.backbone)
 
 
@@ -209,15 +241,13 @@ class Evaluation:
 
 def _with_scorer(samples, scorer, tokenizer, cfg: StudyConfig):
     """Re-score samples with an external PRM (separate_prm): re-forward scoring."""
-    from .generate import reforward_scores
+    from .generate import encode_prompt, reforward_scores
     from .scoring import AGGREGATORS, aggregate_scores
 
     for ps in samples:
-        seqs, plens = [], []
-        for t in ps.trajectories:
-            seqs.append(list(tokenizer.encode(ps.problem.prompt, add_special_tokens=False))
-                        + list(t.token_ids))
-            plens.append(t.prompt_len or len(seqs[-1]) - len(t.token_ids))
+        prompt = encode_prompt(tokenizer, ps.problem.prompt)
+        seqs = [prompt + list(t.token_ids) for t in ps.trajectories]
+        plens = [len(prompt)] * len(seqs)
         res = reforward_scores(scorer, tokenizer, seqs, segmenter=cfg.segmenter,
                                read_at=cfg.read_at, segmenter_options=cfg.segmenter_options,
                                prompt_lens=plens)
@@ -230,7 +260,7 @@ def _with_scorer(samples, scorer, tokenizer, cfg: StudyConfig):
 
 
 def evaluate_tts(cfg: StudyConfig, trained: Trained | Any, tokenizer, *, task=None,
-                 split: str = "test", log: bool = True) -> Evaluation:
+                 split: str | None = None, log: bool = True) -> Evaluation:
     """Sample ``k_max`` trajectories per held-out problem, score them in flight,
     and build the metric table (accuracy vs k per selector with CIs, AUROC,
     ECE, step F1 with the threshold chosen on validation)."""
@@ -241,7 +271,7 @@ def evaluate_tts(cfg: StudyConfig, trained: Trained | Any, tokenizer, *, task=No
     scorer = trained.scorer if isinstance(trained, Trained) else None
     task = task or get_task(cfg.task, **cfg.task_options)
     t0 = time.perf_counter()
-    test_problems = task.problems(split, cfg.n_test)
+    test_problems = task.problems(split or cfg.eval_split, cfg.n_test)
     test = generate_best_of_n(model, tokenizer, test_problems, task, cfg.generate_config(cfg.k_max))
     val = []
     if cfg.n_val:
@@ -330,3 +360,153 @@ def finish(tracker, summary: dict[str, Any], output_dir: str | None, *,
     tracker.close()
     print(json.dumps(clean, indent=1, default=str))
     return clean
+
+
+# ------------------------------------------------- ablations: cache + extended summary
+def cache_content(cfg: StudyConfig) -> dict[str, Any]:
+    """What produced a point's scored trajectories (hashed into its cache key):
+    the backbone identity, the resolved training config and every evaluation
+    field. Fields that only change how the trajectories are *read*
+    (:data:`rollout_cache.READ_ONLY_FIELDS`, e.g. the aggregator) are left out."""
+    from .backbones import TinyBackboneConfig
+    from .config import to_dict
+    from .rollout_cache import READ_ONLY_FIELDS
+
+    bcfg = backbone_config(cfg)
+    if bcfg is None and cfg.backbone == "tiny":
+        bcfg = TinyBackboneConfig()
+    elif bcfg is None and cfg.backbone == "micro":
+        bcfg = TinyBackboneConfig.micro()
+    study_fields = {k: v for k, v in to_dict(cfg).items()
+                    if k not in READ_ONLY_FIELDS and k != "train"}
+    train = {k: v for k, v in cfg.train_config().to_dict().items()
+             if k not in ("output_dir", "resume", "aggregator")}
+    return {"backbone": {"spec": cfg.backbone, "config": bcfg.key() if bcfg else None},
+            "study": study_fields, "train": train}
+
+
+def param_counts(trained: Trained) -> dict[str, int]:
+    """Parameter counts of what generates and what scores: ``policy`` (backbone +
+    LoRA) and ``scorer`` (the SPRM head; for ``separate_prm`` the second backbone
+    and its head)."""
+    pc = dict(getattr(trained.result, "param_counts", None) or {})
+    if pc:
+        return {"policy": int(pc.get("backbone", 0)) + int(pc.get("lora", 0)),
+                "scorer": int(pc.get("extra_for_scoring", pc.get("head", 0)))}
+    rm = trained.model
+    if rm is None:
+        return {}
+    head = sum(p.numel() for p in rm.head.parameters())
+    return {"policy": sum(p.numel() for p in rm.parameters()) - head, "scorer": head}
+
+
+def train_and_evaluate(cfg: StudyConfig, model, tokenizer, tracker=None):
+    """:func:`train_reflective` then :func:`evaluate_tts`, through the rollout cache.
+
+    With ``cfg.cache_dir`` set, a point whose :func:`cache_content` was computed
+    before reuses the stored scored trajectories and training record (no
+    training, no sampling): its table is rebuilt from them, the training log is
+    replayed to ``tracker`` (so every run carries its curves), and the run is
+    tagged ``metastone.rollout_cache=hit``. Returns ``(trained, evaluation, hit)``;
+    on a hit ``trained.model`` is None.
+    """
+    from .rollout_cache import CachedTrainResult, RolloutCache, content_key, train_record
+
+    cache = RolloutCache(cfg.cache_dir) if cfg.cache_dir else None
+    content = cache_content(cfg)
+    key = content_key(content)
+    hit = cache.load(key) if cache is not None else None
+    if hit is not None:
+        from .generate import evaluate
+
+        t0 = time.perf_counter()
+        test, val, rec = hit
+        table = evaluate(test, aggregator=cfg.aggregator, val_samples=val or None,
+                         seed=cfg.seed, log=True)
+        result = CachedTrainResult(**{k: rec.get(k) for k in (
+            "aha_onset_step", "evals", "param_counts", "log_rows", "steps_done")},
+            last_metrics=rec.get("last_metrics") or {})
+        result.param_counts = result.param_counts or {}
+        if tracker is not None:
+            for row in result.log_rows or []:
+                vals = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))
+                        and not isinstance(v, bool)}
+                if vals:
+                    tracker.log_metrics(vals, step=int(row.get("step", 0)))
+            tracker.set_tags({"metastone.rollout_cache": "hit", "metastone.rollout_key": key})
+        return (Trained(None, result), Evaluation(test, val, table, time.perf_counter() - t0),
+                True)
+    trained = train_reflective(cfg, model, tokenizer, tracker)
+    ev = evaluate_tts(cfg, trained, tokenizer)
+    if cache is not None:
+        rec = train_record(trained.result)
+        rec["param_counts"] = rec["param_counts"] or {
+            "backbone": param_counts(trained).get("policy", 0),
+            "head": param_counts(trained).get("scorer", 0)}
+        cache.store(key, content, ev.test, ev.val, rec)
+        if tracker is not None:
+            tracker.set_tags({"metastone.rollout_cache": "miss", "metastone.rollout_key": key})
+    return trained, ev, False
+
+
+def _log_rows(trained: Trained | None) -> list[dict]:
+    res = getattr(trained, "result", None)
+    rows = getattr(res, "log_rows", None)
+    if rows is not None:
+        return list(rows)
+    lp = getattr(res, "log_path", None)
+    if lp is not None and Path(lp).is_file():
+        from .plots import read_jsonl
+
+        return read_jsonl(lp)
+    return []
+
+
+#: training-curve series copied into the ablation summary as ``curve.<name>@<step>``
+CURVE_SERIES = ("score_correct", "score_incorrect", "eval_auroc")
+
+
+def ablation_summary(cfg: StudyConfig, ev: Evaluation, trained: Trained | None, *,
+                     wall_seconds: float | None = None) -> dict[str, Any]:
+    """:func:`summarize` plus what the ablation report needs, all numeric:
+
+    - ``acc.<selector>@<k>``: accuracy of every selector at every k (the curves);
+    - ``auroc.<agg>``, ``bon@<k>.<agg>``, ``weighted@<k>.<agg>`` for every aggregator
+      (k in 2/8/32 up to ``k_max``), computed on the SAME scored trajectories;
+    - ``params_policy``, ``params_scorer``, ``gen_tokens_mean`` (generated tokens per
+      trajectory, prompt excluded) and ``compute@<k>`` = (policy + scorer params) x
+      generated tokens x k, the thinking compute per problem at effort k;
+    - ``curve.<series>@<step>``: the training curves (aha-moment figure).
+    """
+    from .generate import evaluate
+    from .scoring import AGGREGATORS
+
+    out = summarize(ev, trained, aggregator=cfg.aggregator, wall_seconds=wall_seconds)
+    t = ev.table
+    acc = t[(t.metric == "accuracy")]
+    ks = sorted({int(k) for k in acc.k.dropna()})
+    for _, r in acc.iterrows():
+        out[f"acc.{r.selector}@{int(r.k)}"] = float(r.value)
+    read_ks = [k for k in (2, 8, 32) if k in ks]
+    for agg in AGGREGATORS.names():
+        out[f"auroc.{agg}"] = _value(t, "auroc", aggregator=agg)
+        if read_ks:
+            ta = evaluate(ev.test, aggregator=agg, selectors=["sprm_bon", "sprm_weighted_vote"],
+                          ks=read_ks, n_boot=20, seed=cfg.seed, log=False)
+            for k in read_ks:
+                out[f"bon@{k}.{agg}"] = _value(ta, "accuracy", "sprm_bon", k)
+                out[f"weighted@{k}.{agg}"] = _value(ta, "accuracy", "sprm_weighted_vote", k)
+    pc = param_counts(trained) if trained is not None else {}
+    lens = [len(tr.token_ids) for ps in ev.test for tr in ps.trajectories]
+    out["gen_tokens_mean"] = sum(lens) / len(lens) if lens else None
+    if pc:
+        out["params_policy"], out["params_scorer"] = pc["policy"], pc["scorer"]
+        if lens:
+            for k in ks:
+                out[f"compute@{k}"] = float((pc["policy"] + pc["scorer"])
+                                            * out["gen_tokens_mean"] * k)
+    for row in _log_rows(trained):
+        for s in CURVE_SERIES:
+            if isinstance(row.get(s), (int, float)) and "step" in row:
+                out[f"curve.{s}@{int(row['step'])}"] = float(row[s])
+    return out
