@@ -290,3 +290,28 @@ def test_aha_onset_is_logged_as_metric_and_tag(micro, tmp_path, monkeypatch):
     assert tr.tags == {AHA_TAG: 2}
     logged = [(s, m["aha_onset_step"]) for s, m in tr.metrics if "aha_onset_step" in m]
     assert logged == [(3, 2)]  # known one eval later (patience 2), value = onset step
+
+
+
+def test_filter_warmup_trains_the_first_steps_without_the_filter(micro, monkeypatch):
+    """filter_warmup_steps=N: updates 1..N call the loss with filter=False; later
+    updates use the configured loss unchanged (the reference)."""
+    from metastone_lab.loss import LOSSES
+    from metastone_lab.tasks import get_task
+
+    seen = []
+    real = LOSSES.get("spr")
+
+    def spy(*a, **kw):
+        seen.append(kw.get("filter", True))
+        return real(*a, **kw)
+
+    monkeypatch.setitem(LOSSES._items, "spr", spy)
+    t = make_trainer(micro, mode="head_only", filter_warmup_steps=2)
+    batch = fixed_batch(t.tokenizer, get_task("arith"), n_prompts=2, n=4)
+    for step in (1, 2, 3):
+        t.step = step
+        t.update(batch)
+    assert seen == [False, False, True]
+    with pytest.raises(ConfigError, match="filter_warmup_steps must be >= 0"):
+        TrainConfig(filter_warmup_steps=-1)

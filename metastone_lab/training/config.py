@@ -54,6 +54,11 @@ class TrainConfig:
     kl_coef: float = 1e-3
     # SPRM head / loss
     loss: str = "spr"
+    # Deviation from the reference (0 = reference): the first N steps train the head
+    # without the pseudo-label filter. From a cold head the filter can lock in a
+    # constant prediction (every step scored 1 once all logits are > 0, because the
+    # y=0 steps it would learn from are exactly the ones it filters out).
+    filter_warmup_steps: int = 0
     feature_layer: int = -2
     grad_scale: float = 1e-4
     head_width_mult: float = 2.0
@@ -107,6 +112,8 @@ class TrainConfig:
                                          f"{self.grad_scale}")
         check(self.head_width_mult > 0, "TrainConfig.head_width_mult must be > 0")
         check(0 <= self.head_dropout < 1, "TrainConfig.head_dropout must be in [0, 1)")
+        check(self.filter_warmup_steps >= 0, "TrainConfig.filter_warmup_steps must be >= 0 "
+                                             "(0 = the reference: filter from the first step)")
         for k in ("eval_every", "eval_val_problems", "eval_test_problems", "checkpoint_every",
                   "keep_checkpoints", "sft_batch_size"):
             check(getattr(self, k) >= 0, f"TrainConfig.{k} must be >= 0, got {getattr(self, k)}")

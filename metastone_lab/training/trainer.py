@@ -19,6 +19,7 @@ single-process step on the same global batch.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import random
 import time
@@ -344,6 +345,9 @@ class Trainer:
                 diag: dict = {}
             else:
                 loss_fn = LOSSES.get(cfg.loss)
+                if self.step <= cfg.filter_warmup_steps:
+                    # named deviation: no pseudo-label filter while the head is cold
+                    loss_fn = functools.partial(loss_fn, filter=False)
                 spr, diag = loss_fn(step_logits, mask, outcome)
                 if cfg.spr_dp_norm == "global" and self.world > 1:
                     w_local = _spr_weight_sum(loss_fn, diag)
