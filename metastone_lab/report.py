@@ -53,3 +53,614 @@ def compare(runs, metrics: Sequence[str], group_by: Sequence[str] | None = None,
             rows.append({"group": label, "metric": m, "mean": float(np.mean(vals)),
                          "ci_low": lo, "ci_high": hi, "n": len(vals)})
     return pd.DataFrame(rows, columns=["group", "metric", "mean", "ci_low", "ci_high", "n"])
+
+
+# ============================================================ ablation report
+# ``metastone-lab report`` (= ``make report``): docs/results.md + docs/figures/*.png,
+# generated from the MLflow store only. Every number in the text is read from the
+# runs; nothing is typed by hand.
+import math  # noqa: E402
+import re  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+AGGREGATORS_ORDER = ["geometric", "mean", "min", "last", "product"]
+CI_NOTE = ("mean over seeds [95% percentile-bootstrap CI over the per-seed values]; "
+           "n = number of seeds (runs)")
+
+
+@dataclass
+class Family:
+    """One ablation family: its MLflow experiment and the metrics of its table."""
+
+    experiment: str
+    title: str
+    metrics: list[str]
+    what: str = ""
+    extra: list[str] = field(default_factory=list)
+
+
+FAMILIES = [
+    Family("ablate_segmentation", "Step segmentation",
+           ["auroc", "step_f1", "bon@2", "bon@8", "weighted@8", "majority@8", "pass@1",
+            "wall_seconds"],
+           "Which positions the head reads (trained and evaluated with the same rule)."),
+    Family("ablate_loss", "Loss",
+           ["auroc", "step_f1", "bon@2", "bon@8", "weighted@8", "pass@1", "wall_seconds"],
+           "spr_reference = pseudo-label filter + class balance + x1.5 positives (the reference)."),
+    Family("ablate_representation", "Representation",
+           ["auroc", "step_f1", "bon@2", "bon@8", "weighted@8", "pass@1", "wall_seconds"],
+           "Feature layer and head width with a frozen policy (head_only); the backbone "
+           "gradient scale in joint training (GRPO on LoRA + SPR head)."),
+    Family("ablate_shared_vs_separate", "Shared vs separate PRM",
+           ["auroc", "step_f1", "bon@8", "weighted@8", "pass@1", "params_policy",
+            "params_scorer", "wall_seconds"],
+           "Joint training of the shared model vs GRPO + a separate frozen-backbone PRM, "
+           "equal training rollouts."),
+    Family("ablate_ood", "Out of domain",
+           ["pass@1", "auroc", "step_f1", "bon@8", "weighted@8", "majority@8", "wall_seconds"],
+           "The head trained on arith (2-4 operations), evaluated on the held-out ood "
+           "family (5-6 operations) without retraining."),
+]
+
+
+# ------------------------------------------------------------------ data
+def load_runs(experiment: str, tracking_uri: str | None = None, children_only: bool = True):
+    """Finished child runs of ``experiment`` (empty frame if none / store missing),
+    with ``params.variant`` filled and ordered by start time."""
+    import pandas as pd
+
+    from . import tracking
+    from .errors import TrackingError
+
+    try:
+        runs = tracking.runs_frame(experiment, tracking_uri, children_only=children_only)
+    except TrackingError:
+        return pd.DataFrame()
+    if len(runs) == 0:
+        return runs
+    if "params.variant" not in runs:
+        runs["params.variant"] = "base"
+    runs["params.variant"] = runs["params.variant"].fillna("base").replace("", "base")
+    if "start_time" in runs:
+        runs = runs.sort_values("start_time")
+    return runs.reset_index(drop=True)
+
+
+def _variants(runs) -> list[str]:
+    return list(dict.fromkeys(runs["params.variant"].astype(str))) if len(runs) else []
+
+
+def stat(runs, metric: str, variant: str | None = None) -> dict | None:
+    """{mean, lo, hi, n} of a summary metric over the runs (of one variant)."""
+    from .tracking import metric_key
+
+    if len(runs) == 0:
+        return None
+    sub = runs if variant is None else runs[runs["params.variant"].astype(str) == variant]
+    col = f"metrics.{metric_key(metric)}"
+    if col not in sub:
+        return None
+    vals = [float(v) for v in sub[col].dropna() if math.isfinite(float(v))]
+    if not vals:
+        return None
+    from .metrics import bootstrap_ci
+
+    lo, hi = bootstrap_ci(vals, n_boot=2000, seed=0) if len(vals) > 1 else (math.nan, math.nan)
+    return {"mean": sum(vals) / len(vals), "lo": lo, "hi": hi, "n": len(vals)}
+
+
+def fmt(s: dict | None, digits: int = 3) -> str:
+    if s is None:
+        return "n/a"
+    m = s["mean"]
+    if abs(m) >= 1000:
+        core = f"{m:,.0f}"
+        return core if not math.isfinite(s["lo"]) or s["lo"] == s["hi"] else \
+            f"{core} [{s['lo']:,.0f}, {s['hi']:,.0f}]"
+    core = f"{m:.{digits}f}"
+    if not math.isfinite(s["lo"]):
+        return f"{core} (n={s['n']})"
+    return f"{core} [{s['lo']:.{digits}f}, {s['hi']:.{digits}f}]"
+
+
+def overlap(a: dict | None, b: dict | None) -> bool:
+    if a is None or b is None or not math.isfinite(a["lo"]) or not math.isfinite(b["lo"]):
+        return True
+    return not (a["hi"] < b["lo"] or b["hi"] < a["lo"])
+
+
+def versus(name_a: str, a: dict | None, name_b: str, b: dict | None) -> str:
+    """'A 0.81 [..] vs B 0.74 [..]: A higher, CIs separate' (or 'overlap')."""
+    if a is None or b is None:
+        return f"{name_a} vs {name_b}: not measured (runs missing)"
+    rel = "higher" if a["mean"] > b["mean"] else ("lower" if a["mean"] < b["mean"] else "equal")
+    sep = "CIs overlap, not distinguishable at this n" if overlap(a, b) else "CIs separate"
+    return f"{name_a} {fmt(a)} vs {name_b} {fmt(b)}: {name_a} {rel} ({sep})"
+
+
+def md_table(runs, metrics: list[str], variants: list[str] | None = None) -> str:
+    variants = variants if variants is not None else _variants(runs)
+    head = "| variant | " + " | ".join(metrics) + " | n |\n|---|" + "---|" * (len(metrics) + 1)
+    lines = [head]
+    for v in variants:
+        cells = [fmt(stat(runs, m, v), 0 if m in ("wall_seconds",) else 3) for m in metrics]
+        n = max((stat(runs, m, v) or {"n": 0})["n"] for m in metrics)
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {n} |")
+    return "\n".join(lines)
+
+
+def _series(runs, prefix: str) -> dict[str, dict[int, list[float]]]:
+    """``metrics.<prefix>.<name>_at_<x>`` columns -> {name: {x: [values over runs]}}."""
+    rx = re.compile(rf"^metrics\.{re.escape(prefix)}\.(.+)_at_(\d+)$")
+    out: dict[str, dict[int, list[float]]] = {}
+    for c in runs.columns:
+        m = rx.match(c)
+        if m:
+            vals = [float(v) for v in runs[c].dropna()]
+            if vals:
+                out.setdefault(m.group(1), {})[int(m.group(2))] = vals
+    return out
+
+
+# --------------------------------------------------------------- figures
+def _mean_ci(vals):
+    import numpy as np
+
+    from .metrics import bootstrap_ci
+
+    lo, hi = bootstrap_ci(vals, n_boot=1000, seed=0) if len(vals) > 1 else (vals[0], vals[0])
+    return float(np.mean(vals)), lo, hi
+
+
+def fig_selectors(runs, title: str):
+    from .plots import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.8, 4.3))
+    for sel, pts in sorted(_series(runs, "acc").items()):
+        ks = sorted(pts)
+        ms = [_mean_ci(pts[k]) for k in ks]
+        style = "--" if sel in ("pass_at_k", "oracle") else "-"
+        ax.plot(ks, [m[0] for m in ms], style, marker="o", ms=3, label=sel.replace("_at_", "@"))
+        ax.fill_between(ks, [m[1] for m in ms], [m[2] for m in ms], alpha=0.12)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (samples per problem)")
+    ax.set_ylabel("accuracy (held-out)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def fig_aha(base_runs, loss_runs=None):
+    """Left: mean trajectory score of correct vs incorrect training rollouts (base
+    runs, mean and CI over seeds). Right: held-out AUROC during training, per
+    loss variant when the loss ablation exists."""
+    from .plots import _plt
+
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.9))
+    curves = _series(base_runs, "curve")
+    for key, label, colour in (("score_correct", "correct rollouts", "tab:green"),
+                               ("score_incorrect", "incorrect rollouts", "tab:red")):
+        pts = curves.get(key, {})
+        xs = sorted(pts)
+        ms = [_mean_ci(pts[x]) for x in xs]
+        a.plot(xs, [m[0] for m in ms], color=colour, label=label)
+        a.fill_between(xs, [m[1] for m in ms], [m[2] for m in ms], color=colour, alpha=0.15)
+    a.set_xlabel("training step")
+    a.set_ylabel("mean trajectory score (geometric)")
+    a.set_title("base config: correct vs incorrect rollouts")
+    groups = {"base (spr_no_filter)": base_runs}
+    if loss_runs is not None and len(loss_runs):
+        groups = {v: loss_runs[loss_runs["params.variant"] == v] for v in _variants(loss_runs)}
+    for name, runs in groups.items():
+        pts = _series(runs, "curve").get("eval_auroc", {})
+        xs = sorted(pts)
+        if not xs:
+            continue
+        ms = [_mean_ci(pts[x]) for x in xs]
+        b.plot(xs, [m[0] for m in ms], marker="o", ms=3, label=name)
+        b.fill_between(xs, [m[1] for m in ms], [m[2] for m in ms], alpha=0.1)
+    b.axhline(0.8, color="grey", ls=":", lw=1, label="aha threshold 0.8")
+    b.axhline(0.5, color="black", ls="-", lw=0.5)
+    b.set_ylim(0, 1.02)
+    b.set_xlabel("training step")
+    b.set_ylabel("held-out AUROC")
+    b.set_title("held-out AUROC during training")
+    onset = stat(base_runs, "aha_onset_step")
+    for ax in (a, b):
+        if onset is not None:
+            ax.axvline(onset["mean"], color="tab:purple", ls="--", lw=1.2,
+                       label=f"aha onset (mean step {onset['mean']:.1f})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def scaling_points(runs, selector: str = "sprm_bon"):
+    """Rows (variant, run_id, k, compute, accuracy) of the scaling-law runs."""
+    from .tracking import metric_key
+
+    rows = []
+    for _, r in runs.iterrows():
+        for c in runs.columns:
+            m = re.match(r"^metrics\.compute_at_(\d+)$", c)
+            if not m:
+                continue
+            k = int(m.group(1))
+            acc = r.get(f"metrics.{metric_key(f'acc.{selector}@{k}')}")
+            comp = r[c]
+            if acc is None or comp is None or not (math.isfinite(acc) and math.isfinite(comp)):
+                continue
+            if comp > 0:
+                rows.append({"variant": r["params.variant"], "run": r["run_id"], "k": k,
+                             "compute": float(comp), "acc": float(acc),
+                             "params": r.get("metrics.params_policy")})
+    return rows
+
+
+def fit_loglinear(rows, n_boot: int = 2000, seed: int = 0) -> dict | None:
+    """OLS acc = a + b log10(compute); 95% CIs by resampling runs (seeds x sizes)."""
+    import numpy as np
+
+    if len(rows) < 3:
+        return None
+    x = np.log10([r["compute"] for r in rows])
+    y = np.array([r["acc"] for r in rows])
+    if np.ptp(x) == 0:
+        return None
+    b, a = np.polyfit(x, y, 1)
+    pred = a + b * x
+    r2 = 1 - ((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-12)
+    by_run: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_run.setdefault(r["run"], []).append(i)
+    keys = list(by_run)
+    rng = np.random.default_rng(seed)
+    bs, as_ = [], []
+    for _ in range(n_boot):
+        idx = [i for k in rng.choice(len(keys), len(keys)) for i in by_run[keys[k]]]
+        xx, yy = x[idx], y[idx]
+        if np.ptp(xx) == 0:
+            continue
+        bb, aa = np.polyfit(xx, yy, 1)
+        bs.append(bb)
+        as_.append(aa)
+    return {"a": float(a), "b": float(b), "r2": float(r2), "n_points": len(rows),
+            "n_runs": len(keys), "b_lo": float(np.percentile(bs, 2.5)),
+            "b_hi": float(np.percentile(bs, 97.5)), "a_lo": float(np.percentile(as_, 2.5)),
+            "a_hi": float(np.percentile(as_, 97.5)), "boot_a": as_, "boot_b": bs}
+
+
+def fig_scaling(rows, fit):
+    import numpy as np
+
+    from .plots import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.8, 4.3))
+    for v in dict.fromkeys(r["variant"] for r in rows):
+        sub = [r for r in rows if r["variant"] == v]
+        ks = sorted({r["k"] for r in sub})
+        cs = [np.mean([r["compute"] for r in sub if r["k"] == k]) for k in ks]
+        ms = [_mean_ci([r["acc"] for r in sub if r["k"] == k]) for k in ks]
+        ax.errorbar(cs, [m[0] for m in ms],
+                    yerr=[[m[0] - m[1] for m in ms], [m[2] - m[0] for m in ms]],
+                    marker="o", ms=4, capsize=2, label=v)
+    if fit is not None:
+        xs = np.linspace(min(np.log10([r["compute"] for r in rows])),
+                         max(np.log10([r["compute"] for r in rows])), 50)
+        band = np.array([fit["boot_a"][i] + fit["boot_b"][i] * xs
+                         for i in range(len(fit["boot_b"]))])
+        ax.plot(10 ** xs, fit["a"] + fit["b"] * xs, "k--", lw=1.2,
+                label=f"fit: {fit['a']:.2f} + {fit['b']:.3f} log10 C")
+        ax.fill_between(10 ** xs, np.percentile(band, 2.5, axis=0),
+                        np.percentile(band, 97.5, axis=0), color="grey", alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("thinking compute C = (policy + head params) x generated tokens (per problem)")
+    ax.set_ylabel("SPRM best-of-k accuracy")
+    ax.set_title("Scaling law: accuracy vs thinking compute (k = 1..32)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------ text
+def _p(runs, name: str, default: str = "?") -> str:
+    col = f"params.{name}"
+    if len(runs) == 0 or col not in runs:
+        return default
+    vals = sorted({str(v) for v in runs[col].dropna()})
+    return ", ".join(vals) if vals else default
+
+
+def _timing_section(uri: str | None, fam_runs: dict) -> list[str]:
+    from .ablations import SPECS, TIMING_EXPERIMENT
+
+    out = ["## Wall time", ""]
+    t = load_runs(TIMING_EXPERIMENT, uri, children_only=False)
+    full = t[t["run_name"] == "full"] if len(t) and "run_name" in t else t
+    full = full if len(full) else t  # no full run: the latest micro one, labelled
+    if len(full):
+        r = full.iloc[-1]
+        tot = r.get("metrics.total_wall_s")
+        out.append(f"Last `make ablations` ({r.get('run_name', '?')}, measured, run "
+                   f"{r['run_id'][:8]}): "
+                   f"**{tot / 60:.1f} min wall** for the specs it ran, "
+                   f"{r.get('metrics.total_cpu_s', float('nan')) / 60:.1f} CPU-min; CPU share "
+                   f"{r.get('metrics.cpu_share', float('nan')):.2f} of "
+                   f"{_p(full.tail(1), 'cores')} cores (1.0 = the study had the machine to itself; "
+                   f"lower = contention from other work); 1-min load average "
+                   f"{r.get('metrics.loadavg_start', float('nan')):.1f} at start, "
+                   f"{r.get('metrics.loadavg_end', float('nan')):.1f} at the end.")
+        out.append("")
+        out.append("| spec | points | wall (s) |\n|---|---|---|")
+        for s in SPECS:
+            w = r.get(f"metrics.wall_s.{s}")
+            if w is not None and math.isfinite(w):
+                out.append(f"| {s} | {r.get(f'metrics.points.{s}', float('nan')):.0f} | {w:.0f} |")
+        out.append("")
+    else:
+        out += ["No timing run of `make ablations` in this store.", ""]
+    rows = []
+    for name, runs in fam_runs.items():
+        if len(runs):
+            hits = int((runs.get("tags.metastone.rollout_cache") == "hit").sum()) \
+                if "tags.metastone.rollout_cache" in runs else 0
+            ws = runs.get("metrics.wall_seconds")
+            rows.append(f"| {name} | {len(runs)} | {hits} | "
+                        f"{(ws.sum() if ws is not None else float('nan')):.0f} |")
+    if rows:
+        out += ["Per experiment in the store: finished runs, rollout-cache hits (points that "
+                "reused scored trajectories instead of training and sampling), and the sum of "
+                "the notebooks' own wall time (excludes kernel start-up and logging).", "",
+                "| experiment | runs | cache hits | notebook wall (s) |", "|---|---|---|---|",
+                *rows, ""]
+    return out
+
+
+def build_report(tracking_uri: str | None = None, out: str | Path = "docs/results.md",
+                 fig_dir: str | Path | None = None) -> str:
+    """Write the ablation report (markdown + figures) from the MLflow store; return the text."""
+    import time as _time
+
+    from . import tracking
+    from .io_utils import atomic_write_text
+
+    out = Path(out)
+    fig_dir = Path(fig_dir) if fig_dir is not None else out.parent / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri or tracking.resolve_tracking_uri()
+    names = ["ablate_aggregation", "ablate_scaling_law"] + [f.experiment for f in FAMILIES]
+    runs = {n: load_runs(n, uri) for n in names}
+    figs: dict[str, str] = {}
+
+    def save(fig, name):
+        path = fig_dir / name
+        fig.savefig(path, dpi=110)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        figs[name] = os.path.relpath(path, out.parent)
+
+    import os
+
+    L: list[str] = []
+    L += ["# Results: ablations of the reflective SPRM at CPU scale", "",
+          f"Generated by `metastone-lab report` from the MLflow store `{uri}` on "
+          f"{_time.strftime('%Y-%m-%d %H:%M UTC', _time.gmtime())} (code "
+          f"{tracking.git_commit() or 'unknown'}). **Do not edit by hand**: `make ablations` "
+          f"re-runs the specs `experiments/ablate_*.yaml` and regenerates this file; `make report` "
+          f"regenerates it from the existing store.", "",
+          f"Every table cell is {CI_NOTE}. All metrics are on held-out problems "
+          f"(test split, or the ood family); step-error thresholds are chosen on the "
+          f"validation split.", ""]
+    base = runs["ablate_aggregation"]
+    if len(base):
+        L += ["## Setup (read from the runs)", "",
+              f"- backbone `{_p(base, 'backbone')}` (the tiny default Llama), policy frozen "
+              f"(`train_mode` {_p(base, 'train_mode')}) unless a row says joint;",
+              f"- SPRM head trained {_p(base, 'train_steps')} steps on the model's own rollouts, "
+              f"loss `{_p(base, 'train.loss')}`, head lr {_p(base, 'train.head_lr')};",
+              f"- evaluation: {_p(base, 'n_test')} held-out test problems x k_max "
+              f"{_p(base, 'k_max')} samples (T={_p(base, 'temperature')}), accuracy at every "
+              f"k <= k_max from that one run (reference grouping); the other families use "
+              f"k_max {_p(runs['ablate_loss'], 'k_max')};",
+              f"- seeds: {_p(base, 'seed')} (each seed = its own head training and sampling).",
+              ""]
+    L += _timing_section(uri, runs)
+
+    # ---- aggregation + selectors + aha
+    L += ["## Aggregation (one set of runs, every aggregator on the same scored trajectories)",
+          ""]
+    if len(base):
+        ks = [k for k in (2, 8, 32) if stat(base, f"bon@{k}.geometric") is not None]
+        mets = ["auroc"] + [f"bon@{k}" for k in ks] + [f"weighted@{ks[-1]}"] if ks else ["auroc"]
+        L.append("| aggregator | " + " | ".join(mets) + " |")
+        L.append("|---|" + "---|" * len(mets))
+        for agg in AGGREGATORS_ORDER:
+            L.append(f"| {agg} | " + " | ".join(fmt(stat(base, f"{m}.{agg}")) for m in mets) + " |")
+        L += ["", "Reference points on the same runs: "
+              + "; ".join(f"{m} {fmt(stat(base, m))}" for m in
+                          ("pass@1", "majority@8", "majority@32", "pass@32")
+                          if stat(base, m) is not None) + ".", ""]
+        save(fig_selectors(base, "Accuracy vs k per selector (base config, mean over seeds)"),
+             "accuracy_vs_k_selectors.png")
+        L += [f"![accuracy vs k]({figs['accuracy_vs_k_selectors.png']})", "",
+              "Selectors: `sprm_bon` (highest SPRM score), `sprm_weighted_vote`, `majority`, "
+              "`last_step`, `random` (= pass@1 in expectation), `oracle`/`pass@k` (upper bound). "
+              "Bands: CI over seeds.", ""]
+        save(fig_aha(base, runs["ablate_loss"]), "aha_moment.png")
+        onset = stat(base, "aha_onset_step")
+        L += ["### Aha moment", "",
+              f"![aha moment]({figs['aha_moment.png']})", "",
+              "Onset = first training evaluation with held-out AUROC >= 0.8 that stays there "
+              "for the next evaluation. Base config: "
+              + (f"onset at step {fmt(onset, 1)} (over the {onset['n']} seeds that reached it)"
+                 if onset else "no seed reached the onset criterion within its training steps")
+              + f"; first evaluated AUROC {fmt(stat(base, 'curve.eval_auroc@0'))}.", ""]
+    else:
+        L += ["Not run (experiment `ablate_aggregation` has no finished runs).", ""]
+
+    # ---- the tabular families
+    for fam in FAMILIES:
+        r = runs[fam.experiment]
+        L += [f"## {fam.title}", "", fam.what, ""]
+        if len(r):
+            L += [md_table(r, fam.metrics), ""]
+        else:
+            L += [f"Not run (experiment `{fam.experiment}` has no finished runs).", ""]
+
+    # ---- scaling law
+    sr = runs["ablate_scaling_law"]
+    L += ["## Scaling law: accuracy vs total thinking compute", "",
+          "Compute per problem at effort k: **C = (policy params + scorer params) x generated "
+          "tokens per trajectory x k**. Policy params = backbone (+ LoRA, zero-trained here); "
+          "scorer = the SPRM head (for a separate PRM: its backbone + head). Generated tokens "
+          "= the mean response length of that run's trajectories (prompt/prefill tokens not "
+          "counted; the head runs only at step positions but is counted at every token, an "
+          "upper bound). Accuracy = SPRM best-of-k. Fit: acc = a + b log10 C by least squares "
+          "over all (size, k, seed) points; CIs by resampling runs.", ""]
+    fit = None
+    if len(sr):
+        rows = scaling_points(sr)
+        fit = fit_loglinear(rows)
+        L += [md_table(sr, ["params_policy", "params_scorer", "gen_tokens_mean", "pass@1",
+                            "bon@2", "bon@8", "bon@32", "pass@32"]), ""]
+        if fit is not None:
+            L += [f"Fit over {fit['n_points']} points from {fit['n_runs']} runs: "
+                  f"**b = {fit['b']:.4f} [{fit['b_lo']:.4f}, {fit['b_hi']:.4f}] accuracy per "
+                  f"10x compute**, a = {fit['a']:.3f} [{fit['a_lo']:.3f}, {fit['a_hi']:.3f}], "
+                  f"R^2 = {fit['r2']:.2f}.", ""]
+        save(fig_scaling(rows, fit), "scaling_law.png")
+        L += [f"![scaling law]({figs['scaling_law.png']})", ""]
+    else:
+        L += ["Not run (experiment `ablate_scaling_law` has no finished runs).", ""]
+
+    L += discussion(runs, fit)
+    text = "\n".join(L) + "\n"
+    atomic_write_text(out, text)
+    return text
+
+
+def discussion(runs: dict, fit: dict | None) -> list[str]:
+    """The discussion, every number read from the runs (comparisons with the paper's
+    reported numbers, which are constants of the paper, are labelled as such)."""
+    L = ["## Discussion (generated from the numbers above)", ""]
+    base, loss = runs["ablate_aggregation"], runs["ablate_loss"]
+    seg, rep = runs["ablate_segmentation"], runs["ablate_representation"]
+    sep, ood = runs["ablate_shared_vs_separate"], runs["ablate_ood"]
+
+    def bullet(s):
+        L.append(f"- {s}")
+
+    if len(base):
+        k = 8 if stat(base, "bon@8.geometric") else 2
+        g, m, p = (stat(base, f"bon@{k}.{a}") for a in ("geometric", "mean", "product"))
+        order = sorted([("geometric", g), ("mean", m), ("product", p)],
+                       key=lambda t: -(t[1]["mean"] if t[1] else -1))
+        paper = ["geometric", "mean", "product"]
+        bullet(f"**Aggregation** (paper, AIME24 k=8: geometric 53.1 > mean 52.9 > product 44.2). "
+               f"Here at k={k}: order {' > '.join(n for n, _ in order)} "
+               f"({'same order as the paper' if [n for n, _ in order] == paper else 'not the paper order'}); "
+               + versus("geometric", g, "mean", m) + "; " + versus("geometric", g, "product", p)
+               + ".")
+        la = stat(base, f"bon@{k}.last")
+        bullet("**Step-level vs last-step scoring** (paper 53.1 vs 48.5): "
+               + versus("geometric (all steps)", g, "last step", la) + ".")
+        bon, maj, pk = stat(base, "bon@32"), stat(base, "majority@32"), stat(base, "pass@32")
+        if bon is not None:
+            bullet("**Best-of-N vs majority at k=32**: " + versus("SPRM BoN", bon, "majority", maj)
+                   + f"; pass@32 (oracle) {fmt(pk)}, pass@1 {fmt(stat(base, 'pass@1'))}.")
+    if len(loss):
+        s, nf, bce = (stat(loss, "auroc", v) for v in ("spr_reference", "spr_no_filter",
+                                                       "bce_all_steps"))
+        bullet("**SPR vs plain BCE** (the paper reports SPR > BCE, no numbers): "
+               + versus("SPR (reference)", s, "BCE on all steps", bce) + " (trajectory AUROC).")
+        bullet("**The pseudo-label filter** at this scale: "
+               + versus("SPR with filter", s, "SPR without filter", nf)
+               + ". With a randomly initialised head the filter keeps only steps the head "
+                 "already agrees with, so the loss can reach zero without separating correct "
+                 "from incorrect trajectories (AUROC near or below 0.5 means it did); the "
+                 "other families therefore use `spr_no_filter` as their base.")
+        ls = stat(loss, "auroc", "last_step_only")
+        bullet("**Outcome RM (last step only)**: " + versus("last_step_only", ls,
+                                                            "spr_no_filter", nf) + " (AUROC).")
+    if len(seg):
+        vals = [(v, stat(seg, "auroc", v)) for v in _variants(seg)]
+        vals = [(v, s) for v, s in vals if s is not None]
+        if vals:
+            best = max(vals, key=lambda t: t[1]["mean"])
+            worst = min(vals, key=lambda t: t[1]["mean"])
+            ref = dict(vals).get("reference")
+            bullet(f"**Segmentation** (not ablated in the paper): best AUROC {best[0]} "
+                   f"{fmt(best[1])}, worst {worst[0]} {fmt(worst[1])}; reference {fmt(ref)}. "
+                   + versus("reference", ref, "reference read at the step token",
+                            dict(vals).get("reference_at_step_token")) + ".")
+    if len(rep):
+        pen, last, mid = (stat(rep, "auroc", v) for v in ("layer_penultimate_width_x1",
+                                                          "layer_last", "layer_middle"))
+        bullet("**Feature layer** (the paper argues for the penultimate layer): "
+               + versus("penultimate", pen, "last", last) + "; "
+               + versus("penultimate", pen, "middle", mid) + ".")
+        g0, g4, g1 = (stat(rep, "auroc", v) for v in ("joint_grad_0", "joint_grad_1e-4",
+                                                      "joint_grad_1"))
+        bullet("**Backbone gradient scale** (joint training): "
+               + versus("1e-4 (reference)", g4, "0", g0) + "; " + versus("1e-4", g4, "1", g1)
+               + f"; pass@1 under grad 1: {fmt(stat(rep, 'pass@1', 'joint_grad_1'))} vs 1e-4: "
+                 f"{fmt(stat(rep, 'pass@1', 'joint_grad_1e-4'))}.")
+    if len(sep):
+        sh, sp = stat(sep, "auroc", "shared"), stat(sep, "auroc", "separate_prm")
+        pp, ps = stat(sep, "params_scorer", "shared"), stat(sep, "params_scorer", "separate_prm")
+        bullet("**Shared vs separate PRM** (paper: the shared 53M-parameter head matches a 72B "
+               "PRM): " + versus("shared head", sh, "separate PRM", sp)
+               + f" (AUROC); scorer parameters {fmt(pp, 0)} vs {fmt(ps, 0)}; bon@8 "
+                 f"{fmt(stat(sep, 'bon@8', 'shared'))} vs {fmt(stat(sep, 'bon@8', 'separate_prm'))}.")
+    if fit is not None:
+        pos = fit["b_lo"] > 0
+        bullet(f"**Scaling law** (paper v1: performance grows log-linearly with total thinking "
+               f"compute): slope {fit['b']:.4f} [{fit['b_lo']:.4f}, {fit['b_hi']:.4f}] per 10x "
+               f"compute, R^2 {fit['r2']:.2f}: "
+               + ("positive with a CI excluding 0, consistent with the claim at this scale"
+                  if pos else "the CI includes 0 or is negative, so not supported at this scale")
+               + ".")
+    if len(ood):
+        bullet("**Out of domain** (paper: math -> code transfer): "
+               + versus("in-domain AUROC", stat(ood, "auroc", "in_domain"), "ood AUROC",
+                        stat(ood, "auroc", "ood"))
+               + f"; pass@1 {fmt(stat(ood, 'pass@1', 'in_domain'))} -> "
+                 f"{fmt(stat(ood, 'pass@1', 'ood'))}; bon@8 "
+                 f"{fmt(stat(ood, 'bon@8', 'in_domain'))} -> {fmt(stat(ood, 'bon@8', 'ood'))}.")
+    missing = [n for n, r in runs.items() if len(r) == 0]
+    L += ["", "### Limits", "",
+          "- CPU scale: a ~1M-parameter backbone, a head trained for a few dozen steps, ~100 "
+          "test problems, 3 seeds. CIs over 3 seeds are wide; 'CIs overlap' means the "
+          "difference is not resolved at this n.",
+          "- Numbers from the paper are quoted constants for orientation, not reproduced "
+          "measurements."]
+    if missing:
+        L.append(f"- Not in this store (not run or no finished runs): {', '.join(missing)}.")
+    return L
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """``metastone-lab report``: regenerate docs/results.md and docs/figures/ from MLflow."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="metastone-lab report", description=cli_main.__doc__)
+    ap.add_argument("--tracking-uri", default=None,
+                    help="MLflow URI (default: $MLFLOW_TRACKING_URI or the repo's sqlite store)")
+    ap.add_argument("--out", default=None, help="markdown file (default docs/results.md)")
+    ap.add_argument("--figures", default=None, help="figure folder (default <out dir>/figures)")
+    a = ap.parse_args(argv)
+    from .ablations import repo_root
+
+    out = Path(a.out) if a.out else repo_root() / "docs" / "results.md"
+    build_report(a.tracking_uri, out, a.figures)
+    print(f"wrote {out} and figures in {Path(a.figures) if a.figures else out.parent / 'figures'}")
+    return 0

@@ -1,0 +1,226 @@
+"""``make ablations``: run every ablation spec through the runner, then the report.
+
+    python -m metastone_lab.ablations                 # the full study (~1 h on 2 cores)
+    python -m metastone_lab.ablations --micro         # every spec, tiny parameters (minutes)
+    python -m metastone_lab.ablations --only ablate_loss --dry-run
+    python -m metastone_lab.ablations --with-smollm2  # also the (slow) SmolLM2 segmentation spec
+
+Specs run in :data:`SPECS` order (``experiments/<name>.yaml``), each through
+:func:`runner.run_spec` (one MLflow child run per point x seed). Points that
+share a backbone, training and evaluation config reuse the scored trajectories
+from the rollout cache (``cache_dir`` in the specs), so order matters: the
+base configuration is computed once and read back by later specs.
+
+Measured time: wall seconds per spec and in total, and the CPU seconds this
+process and its notebook kernels used. ``cpu_share`` = CPU seconds / (wall x
+cores) says how much of the machine the study got (1.0 = both cores, all the
+time; lower = contention from other work). Written to
+``<runs>/ablations_timing.json`` and logged as a run of MLflow experiment
+``ablations`` (the report reads it from there).
+
+``--micro`` rewrites each spec into a temporary one with tiny parameters
+(:func:`micro_spec`): the ``micro`` backbone, 2 training steps, 4 test
+problems, k <= 4, 2 seeds, micro-sized scaling-law backbones; SmolLM2 is
+skipped. It is what the tests execute.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import load_yaml
+from .errors import ConfigError
+from .io_utils import atomic_write_json
+
+#: the ablation families, in run order (base configuration first)
+SPECS = ["ablate_aggregation", "ablate_scaling_law", "ablate_loss", "ablate_segmentation",
+         "ablate_ood", "ablate_shared_vs_separate", "ablate_representation"]
+#: slow on CPU; only with --with-smollm2
+OPTIONAL_SPECS = ["ablate_segmentation_smollm2"]
+
+MICRO_TRAIN = {"prompts_per_step": 2, "n": 4, "eval_every": 1, "eval_val_problems": 4,
+               "eval_test_problems": 4, "eval_samples": 2}
+MICRO_PARAMS = {"backbone": "micro", "train_steps": 2, "n_test": 4, "n_val": 4, "val_k": 2,
+                "max_new_tokens": 40}
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def spec_path(name: str, root: Path | None = None) -> Path:
+    p = (root or repo_root()) / "experiments" / f"{name}.yaml"
+    if not p.is_file():
+        raise ConfigError(f"ablation spec {str(p)!r} not found; the families are "
+                          f"{', '.join(SPECS + OPTIONAL_SPECS)}")
+    return p
+
+
+def _micro_backbone_options(opts: dict) -> dict:
+    """A micro-sized stand-in for a scaling-law size (keeps the size ordering)."""
+    hidden = max(8, (int(opts.get("hidden_size", 128)) // 4) // 2 * 2)
+    return {"hidden_size": hidden, "num_layers": 1, "num_heads": 2,
+            "intermediate_size": 2 * hidden, "steps": 10, "eval_n": 4, "eval_k": 2}
+
+
+def _micro_params(params: dict, cache_dir: str | None, base: bool) -> dict:
+    """Tiny values for the base parameters (``base``) or for the keys a point sets."""
+    out = dict(params)
+    for k, v in MICRO_PARAMS.items():
+        if base or k in out:
+            out[k] = v
+    if "k_max" in out:
+        out["k_max"] = min(int(out["k_max"]), 4)
+    if isinstance(out.get("train"), dict):
+        out["train"] = {**out["train"], **MICRO_TRAIN}
+    if out.get("backbone_options"):
+        out["backbone_options"] = _micro_backbone_options(out["backbone_options"])
+    if "cache_dir" in out and cache_dir is not None:
+        out["cache_dir"] = cache_dir
+    return out
+
+
+def micro_spec(data: dict, cache_dir: str | None = None, max_seeds: int = 2) -> dict:
+    """The micro version of a spec (a dict as loaded from YAML): tiny parameters
+    on the ``micro`` backbone, at most 2 seeds, the same points and structure."""
+    d = copy.deepcopy(data)
+    d["parameters"] = _micro_params(d.get("parameters", {}), cache_dir, base=True)
+    d["points"] = [_micro_params(p, cache_dir, base=False) if isinstance(p, dict) else p
+                   for p in d.get("points", [])]
+    d["seeds"] = list(d.get("seeds") or [0])[:max_seeds]
+    nb = Path(d["notebook"])
+    d["notebook"] = str(nb if nb.is_absolute() else (repo_root() / nb).resolve())
+    return d
+
+
+def _cpu_seconds() -> float:
+    s = resource.getrusage(resource.RUSAGE_SELF)
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def run_all(names: list[str], *, micro: bool = False, dry_run: bool = False,
+            resume: bool = False, root: Path | None = None, runs_dir: Path | None = None,
+            tracking_uri: str | None = None, progress: bool = True,
+            overrides: list[str] = (), max_seeds: int = 2, log=print) -> dict[str, Any]:
+    """Run the named specs in order; return ``{"specs": {name: {...}}, "total_wall_s",
+    "cpu_share", "exit_code"}``. ``exit_code`` is the worst spec's runner code."""
+    from . import runner, tracking
+
+    root = Path(root) if root is not None else repo_root()
+    runs_dir = Path(runs_dir) if runs_dir is not None else root / "runs"
+    tmp = Path(tempfile.mkdtemp(prefix="ablations-micro-")) if micro else None
+    cores = os.cpu_count() or 1
+    load0 = os.getloadavg()[0]
+    t_all, cpu_all = time.monotonic(), _cpu_seconds()
+    out: dict[str, Any] = {"specs": {}, "micro": micro, "cores": cores}
+    worst = 0
+    for name in names:
+        path = spec_path(name, root)
+        if micro:
+            data = micro_spec(load_yaml(path), cache_dir=str(runs_dir / "_rollout_cache_micro"),
+                              max_seeds=max_seeds)
+            path = tmp / f"{name}.yaml"
+            import yaml
+
+            path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+        t0, c0 = time.monotonic(), _cpu_seconds()
+        rep = runner.run_spec(path, overrides=list(overrides), dry_run=dry_run, resume=resume,
+                              root=root, runs_dir=runs_dir, tracking_uri=tracking_uri,
+                              progress=progress)
+        wall, cpu = time.monotonic() - t0, _cpu_seconds() - c0
+        pts = rep.get("points", {})
+        rec = {"points": len(pts), "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+               "exit_code": rep["exit_code"],
+               "failed": sorted(k for k, r in pts.items()
+                                if isinstance(r, dict) and r.get("status") == "failed")}
+        out["specs"][name] = rec
+        worst = max(worst, rep["exit_code"])
+        log(f"[ablations] {name}: {rec['points']} points, {wall:.1f} s wall, {cpu:.1f} s CPU"
+            + (f", FAILED: {rec['failed']}" if rec["failed"] else ""))
+    wall, cpu = time.monotonic() - t_all, _cpu_seconds() - cpu_all
+    out.update(total_wall_s=round(wall, 1), total_cpu_s=round(cpu, 1),
+               cpu_share=round(cpu / (wall * cores), 3) if wall > 0 else None,
+               loadavg_start=round(load0, 2), loadavg_end=round(os.getloadavg()[0], 2),
+               exit_code=worst, finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    log(f"[ablations] total: {wall:.1f} s wall ({wall / 60:.1f} min), {cpu:.1f} s CPU, "
+        f"CPU share {out['cpu_share']} of {cores} cores (1.0 = no contention), "
+        f"load average {out['loadavg_start']} -> {out['loadavg_end']}")
+    if not dry_run:
+        atomic_write_json(runs_dir / ("ablations_timing_micro.json" if micro
+                                      else "ablations_timing.json"), out)
+        uri = tracking_uri or tracking.resolve_tracking_uri(root)
+        try:
+            t = tracking.Tracker(uri)
+            with t.run(TIMING_EXPERIMENT, run_name="micro" if micro else "full",
+                       params={"specs": ",".join(names), "micro": micro, "cores": cores}):
+                m = {"total_wall_s": wall, "total_cpu_s": cpu,
+                     "cpu_share": out["cpu_share"] or 0.0, "loadavg_start": load0,
+                     "loadavg_end": out["loadavg_end"]}
+                m.update({f"wall_s.{n}": r["wall_s"] for n, r in out["specs"].items()})
+                m.update({f"points.{n}": r["points"] for n, r in out["specs"].items()})
+                t.log_metrics(m, step=0)
+        except Exception as e:  # timing is informative; never fail the study on it
+            log(f"[ablations] could not log the timing run to {uri}: {e}")
+    return out
+
+
+TIMING_EXPERIMENT = "ablations"
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m metastone_lab.ablations",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--micro", action="store_true", help="tiny parameters (tests, smoke runs)")
+    ap.add_argument("--only", action="append", default=[], metavar="SPEC",
+                    help="run only this spec (repeatable), e.g. ablate_loss")
+    ap.add_argument("--with-smollm2", action="store_true",
+                    help="also run the SmolLM2 segmentation spec (slow on CPU)")
+    ap.add_argument("--dry-run", action="store_true", help="list every point, run nothing")
+    ap.add_argument("--resume", action="store_true", help="skip points FINISHED in MLflow")
+    ap.add_argument("--no-report", action="store_true", help="do not regenerate the report")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="KEY=VALUE", help="override a base parameter in every spec")
+    ap.add_argument("--runs-dir", default=None)
+    ap.add_argument("--tracking-uri", default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    names = a.only or SPECS + (OPTIONAL_SPECS if a.with_smollm2 else [])
+    if a.micro:
+        names = [n for n in names if n not in OPTIONAL_SPECS]
+    unknown = [n for n in names if n not in SPECS + OPTIONAL_SPECS]
+    if unknown:
+        raise ConfigError(f"--only {unknown}: unknown ablation spec; choose from "
+                          f"{', '.join(SPECS + OPTIONAL_SPECS)}")
+    res = run_all(names, micro=a.micro, dry_run=a.dry_run, resume=a.resume,
+                  runs_dir=Path(a.runs_dir) if a.runs_dir else None,
+                  tracking_uri=a.tracking_uri, progress=not a.no_progress,
+                  overrides=a.overrides)
+    if not a.dry_run and not a.no_report:
+        from . import report
+
+        args = ["--tracking-uri", a.tracking_uri] if a.tracking_uri else []
+        if a.micro:
+            args += ["--out", str(Path(a.runs_dir or repo_root() / "runs") / "micro_report" /
+                                  "results.md")]
+        report.cli_main(args)
+    print(json.dumps({k: v for k, v in res.items()}, default=str))
+    return res["exit_code"]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from .errors import MetastoneError
+
+    try:
+        sys.exit(cli_main())
+    except MetastoneError as e:
+        print(f"metastone_lab.ablations: error: {e}", file=sys.stderr)
+        sys.exit(2)
