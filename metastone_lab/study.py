@@ -462,6 +462,21 @@ def _log_rows(trained: Trained | None) -> list[dict]:
     return []
 
 
+def within_problem_auroc(samples, aggregator: str = "geometric") -> tuple[float | None, int]:
+    """Mean over problems of the AUROC of trajectory scores (correct vs incorrect)
+    among the k samples of the SAME problem, over the problems that have both
+    (ties count 1/2). This is what best-of-N needs; the pooled AUROC also rewards
+    a head that only recognises easy problems. Returns (value or None, n problems)."""
+    vals = []
+    for ps in samples:
+        ok = [t.scores.get(aggregator, 0.0) for t in ps.trajectories if t.correct]
+        bad = [t.scores.get(aggregator, 0.0) for t in ps.trajectories if not t.correct]
+        if ok and bad:
+            wins = sum((a > b) + 0.5 * (a == b) for a in ok for b in bad)
+            vals.append(wins / (len(ok) * len(bad)))
+    return (sum(vals) / len(vals) if vals else None), len(vals)
+
+
 #: training-curve series copied into the ablation summary as ``curve.<name>@<step>``
 CURVE_SERIES = ("score_correct", "score_incorrect", "eval_auroc")
 
@@ -473,6 +488,9 @@ def ablation_summary(cfg: StudyConfig, ev: Evaluation, trained: Trained | None, 
     - ``acc.<selector>@<k>``: accuracy of every selector at every k (the curves);
     - ``auroc.<agg>``, ``bon@<k>.<agg>``, ``weighted@<k>.<agg>`` for every aggregator
       (k in 2/8/32 up to ``k_max``), computed on the SAME scored trajectories;
+    - ``auroc_within.<agg>`` / ``auroc_within`` (:func:`within_problem_auroc`, the
+      ranking among one problem's samples that best-of-N relies on) and
+      ``n_mixed_problems`` (problems with both correct and incorrect samples);
     - ``params_policy``, ``params_scorer``, ``gen_tokens_mean`` (generated tokens per
       trajectory, prompt excluded) and ``compute@<k>`` = (policy + scorer params) x
       generated tokens x k, the thinking compute per problem at effort k;
@@ -496,6 +514,10 @@ def ablation_summary(cfg: StudyConfig, ev: Evaluation, trained: Trained | None, 
             for k in read_ks:
                 out[f"bon@{k}.{agg}"] = _value(ta, "accuracy", "sprm_bon", k)
                 out[f"weighted@{k}.{agg}"] = _value(ta, "accuracy", "sprm_weighted_vote", k)
+    for agg in AGGREGATORS.names():
+        out[f"auroc_within.{agg}"], n_mixed = within_problem_auroc(ev.test, agg)
+    out["auroc_within"] = out.get(f"auroc_within.{cfg.aggregator}")
+    out["n_mixed_problems"] = n_mixed
     pc = param_counts(trained) if trained is not None else {}
     lens = [len(tr.token_ids) for ps in ev.test for tr in ps.trajectories]
     out["gen_tokens_mean"] = sum(lens) / len(lens) if lens else None

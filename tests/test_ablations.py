@@ -117,6 +117,24 @@ def test_cache_key_ignores_aggregator_but_not_what_produces_rollouts():
         assert key(**change) != base, change
 
 
+def test_within_problem_auroc_ranks_inside_each_problem():
+    import copy
+
+    from metastone_lab.study import within_problem_auroc
+
+    ps = _samples()[0]
+    good, bad = ps.trajectories[0], copy.deepcopy(ps.trajectories[0])
+    bad.correct, bad.scores = False, {"geometric": 0.9}
+    one = copy.deepcopy(ps)
+    one.trajectories = [good, bad]                     # the wrong sample scores higher: 0.0
+    tie = copy.deepcopy(one)
+    tie.trajectories[1].scores = {"geometric": 0.7}    # a tie counts 1/2
+    easy = copy.deepcopy(ps)                           # all correct: no within-problem pair
+    assert within_problem_auroc([one], "geometric") == (0.0, 1)
+    assert within_problem_auroc([one, tie, easy], "geometric") == (0.25, 2)
+    assert within_problem_auroc([easy], "geometric") == (None, 0)
+
+
 # ------------------------------------------------------ micro, end to end
 def test_micro_ablations_and_report(tmp_path, monkeypatch):
     monkeypatch.setenv("METASTONE_LAB_CACHE", str(tmp_path / "cache"))
@@ -137,7 +155,7 @@ def test_micro_ablations_and_report(tmp_path, monkeypatch):
     cols = set(agg.columns)
     for a in ("geometric", "mean", "min", "last", "product"):
         assert f"metrics.auroc.{a}" in cols and f"metrics.bon_at_2.{a}" in cols
-    assert {"metrics.compute_at_4", "metrics.gen_tokens_mean",
+    assert {"metrics.compute_at_4", "metrics.gen_tokens_mean", "metrics.auroc_within.geometric",
             "metrics.acc.sprm_bon_at_4"} <= cols
     assert any(c.startswith("metrics.curve.score_incorrect_at_") for c in cols)  # training curves
     # the hit replays the training curves and reproduces the same scored trajectories
