@@ -181,7 +181,8 @@ def versus(name_a: str, a: dict | None, name_b: str, b: dict | None) -> str:
     """'A 0.81 [..] vs B 0.74 [..]: A higher, CIs separate' (or 'overlap')."""
     if a is None or b is None:
         return f"{name_a} vs {name_b}: not measured (runs missing)"
-    rel = "higher" if a["mean"] > b["mean"] else ("lower" if a["mean"] < b["mean"] else "equal")
+    rel = ("higher" if a["mean"] > b["mean"] else
+           "lower" if a["mean"] < b["mean"] else f"equal to {name_b}")
     sep = "CIs overlap, not distinguishable at this n" if overlap(a, b) else "CIs separate"
     return f"{name_a} {fmt(a)} vs {name_b} {fmt(b)}: {name_a} {rel} ({sep})"
 
@@ -550,6 +551,21 @@ def build_report(tracking_uri: str | None = None, out: str | Path = "docs/result
                   f"**b = {fit['b']:.4f} [{fit['b_lo']:.4f}, {fit['b_hi']:.4f}] accuracy per "
                   f"10x compute**, a = {fit['a']:.3f} [{fit['a_lo']:.3f}, {fit['a_hi']:.3f}], "
                   f"R^2 = {fit['r2']:.2f}.", ""]
+            L += ["Within each size (compute grows only through k): " + "; ".join(
+                f"{v}: " + versus("k=1", stat(sr, "acc.sprm_bon@1", v), "k=32",
+                                  stat(sr, "acc.sprm_bon@32", v)) for v in _variants(sr)) + ".",
+                  ""]
+            L += ["The same fit with other selectors on the same runs and compute (a selector "
+                  "changes accuracy, not compute):", "",
+                  "| selector | slope b per 10x compute [CI] | a [CI] | R^2 | points |",
+                  "|---|---|---|---|---|"]
+            for sel in ("sprm_bon", "sprm_weighted_vote", "majority", "random", "pass@k"):
+                f2 = fit_loglinear(scaling_points(sr, sel))
+                if f2 is not None:
+                    L.append(f"| {sel} | {f2['b']:.4f} [{f2['b_lo']:.4f}, {f2['b_hi']:.4f}] | "
+                             f"{f2['a']:.3f} [{f2['a_lo']:.3f}, {f2['a_hi']:.3f}] | "
+                             f"{f2['r2']:.2f} | {f2['n_points']} |")
+            L.append("")
         save(fig_scaling(rows, fit), "scaling_law.png")
         L += [f"![scaling law]({figs['scaling_law.png']})", ""]
     else:
