@@ -615,22 +615,24 @@ def discussion(runs: dict, fit: dict | None) -> list[str]:
         bon, maj, pk = stat(base, "bon@32"), stat(base, "majority@32"), stat(base, "pass@32")
         if bon is not None:
             bullet("**Best-of-N vs majority at k=32**: " + versus("SPRM BoN", bon, "majority", maj)
+                   + "; " + versus("SPRM BoN", bon, "random pick", stat(base, "acc.random@32"))
+                   + "; " + versus("SPRM-weighted vote", stat(base, "weighted@32"), "majority",
+                                   maj)
                    + f"; pass@32 (oracle) {fmt(pk)}, pass@1 {fmt(stat(base, 'pass@1'))}.")
     if len(loss):
         s, nf, bce = (stat(loss, "auroc", v) for v in ("spr_reference", "spr_no_filter",
                                                        "bce_all_steps"))
         bullet("**SPR vs plain BCE** (the paper reports SPR > BCE, no numbers): "
                + versus("SPR (reference)", s, "BCE on all steps", bce) + " (trajectory AUROC).")
-        collapsed = s is not None and s["hi"] < 0.6 if s and math.isfinite(s["hi"]) else (
-            s is not None and s["mean"] < 0.6)
+        collapsed = s is not None and s["mean"] < 0.6
         bullet("**The pseudo-label filter** at this scale: "
                + versus("SPR with filter", s, "SPR without filter", nf) + ". "
-               + ("The reference SPR head does not separate correct from incorrect trajectories "
-                  "here (AUROC CI below 0.6): starting from a random head, the filter keeps only "
-                  "the steps the head already agrees with, so the loss can fall to zero without "
-                  "learning. This is why the other families use `spr_no_filter` as their base. "
+               + ("The reference SPR head stays near chance here (mean AUROC below 0.6). A likely "
+                  "mechanism: starting from a random head, the filter keeps only the steps the "
+                  "head already agrees with, so the loss can fall to zero without learning. This "
+                  "is why the other families use `spr_no_filter` as their base. "
                   if collapsed else
-                  "The reference SPR head learns at this scale (AUROC not below 0.6). ")
+                  "The reference SPR head learns at this scale (mean AUROC at least 0.6). ")
                + versus("SPR with 5 filter-free warm-up steps", stat(loss, "auroc",
                                                                       "spr_filter_warmup_5"),
                         "SPR (reference)", s) + ".")
