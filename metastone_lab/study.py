@@ -95,6 +95,7 @@ class StudyConfig:
                     steps=self.train_steps, temperature=self.temperature,
                     filter_warmup_steps=self.filter_warmup_steps,
                     max_new_tokens=self.max_new_tokens, segmenter=self.segmenter,
+                    segmenter_options=dict(self.segmenter_options), read_at=self.read_at,
                     aggregator=self.aggregator, seed=self.seed,
                     output_dir=str(Path(self.output_dir) / "train"),
                     # a re-run of the same output_dir (e.g. a sweep point retried after a
@@ -387,8 +388,10 @@ def cache_content(cfg: StudyConfig) -> dict[str, Any]:
         bcfg = TinyBackboneConfig.micro()
     study_fields = {k: v for k, v in to_dict(cfg).items()
                     if k not in READ_ONLY_FIELDS and k != "train"}
+    # segmenter_options / read_at are in study_fields already (the train copy would only
+    # change the key of every entry written before TrainConfig had them)
     train = {k: v for k, v in cfg.train_config().to_dict().items()
-             if k not in ("output_dir", "resume", "aggregator")}
+             if k not in ("output_dir", "resume", "aggregator", "segmenter_options", "read_at")}
     return {"backbone": {"spec": cfg.backbone, "config": bcfg.key() if bcfg else None},
             "study": study_fields, "train": train}
 

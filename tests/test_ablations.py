@@ -173,3 +173,14 @@ def test_micro_ablations_and_report(tmp_path, monkeypatch):
     assert "| in_domain |" in text and "| ood |" in text
     assert "Last `make ablations`" in text  # timing read back from the store
     assert "Not in this store" in text and "ablate_loss" in text  # missing families said so
+
+
+def test_segmentation_options_and_read_at_reach_training():
+    """The head must be trained on the positions it is evaluated on: a fixed/regex
+    rule's options and read_at go into the TrainConfig (they failed / mismatched before)."""
+    from metastone_lab.study import StudyConfig
+
+    cfg = from_dict(StudyConfig, {"segmenter": "fixed", "segmenter_options": {"n": 4},
+                                  "read_at": "step_token"})
+    t = cfg.train_config()
+    assert (t.segmenter, t.segmenter_options, t.read_at) == ("fixed", {"n": 4}, "step_token")

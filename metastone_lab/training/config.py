@@ -68,6 +68,8 @@ class TrainConfig:
     # by the all-reduced sum, so a DP step equals the single-process step on the global batch
     spr_dp_norm: Literal["rank", "global"] = "rank"
     segmenter: str = "reference"
+    segmenter_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"n": 4} (fixed)
+    read_at: Literal["before_step_token", "step_token"] = "before_step_token"
     aggregator: str = "geometric"
     # evaluation
     eval_every: int = 10            # 0 disables periodic evaluation

@@ -257,7 +257,8 @@ class Trainer:
         from ..steps import step_mask
 
         return step_mask(b.input_ids, self.tokenizer, self.cfg.segmenter, "train",
-                         attention_mask=b.attention_mask, response_start=b.response_start)
+                         read_at=self.cfg.read_at, attention_mask=b.attention_mask,
+                         response_start=b.response_start, **self.cfg.segmenter_options)
 
     # ------------------------------------------------------------------ data
     def train_problems(self, step: int) -> list[Any]:
