@@ -109,7 +109,8 @@ FAMILIES = [
 
 
 # ------------------------------------------------------------------ data
-def load_runs(experiment: str, tracking_uri: str | None = None, children_only: bool = True):
+def load_runs(experiment: str, tracking_uri: str | None = None, children_only: bool = True,
+              dedupe: bool = True):
     """Finished child runs of ``experiment`` (empty frame if none / store missing),
     with ``params.variant`` filled, ordered by start time, the latest run per point."""
     import pandas as pd
@@ -128,7 +129,7 @@ def load_runs(experiment: str, tracking_uri: str | None = None, children_only: b
     runs["params.variant"] = runs["params.variant"].fillna("base").replace("", "base")
     if "start_time" in runs:
         runs = runs.sort_values("start_time")
-    if "point" in runs and runs["point"].notna().all():
+    if dedupe and "point" in runs and runs["point"].notna().all():
         # a re-run spec (same point names) replaces its earlier runs: latest wins
         runs = runs.drop_duplicates(subset=["point"], keep="last")
     return runs.reset_index(drop=True)
@@ -415,20 +416,29 @@ def _timing_section(uri: str | None, fam_runs: dict) -> list[str]:
         out.append("")
     else:
         out += ["No timing run of `make ablations` in this store.", ""]
-    rows = []
-    for name, runs in fam_runs.items():
+    rows, total, extra = [], 0.0, 0
+    for name, latest in fam_runs.items():
+        runs = load_runs(name, uri, dedupe=False)
         if len(runs):
-            hits = int((runs.get("tags.metastone.rollout_cache") == "hit").sum()) \
+            hits = int((runs["tags.metastone.rollout_cache"] == "hit").sum()) \
                 if "tags.metastone.rollout_cache" in runs else 0
-            ws = runs.get("metrics.wall_seconds")
-            rows.append(f"| {name} | {len(runs)} | {hits} | "
-                        f"{(ws.sum() if ws is not None else float('nan')):.0f} |")
+            ws = runs["metrics.wall_seconds"].sum() if "metrics.wall_seconds" in runs else 0.0
+            total += float(ws)
+            extra += len(runs) - len(latest)
+            rows.append(f"| {name} | {len(latest)} | {len(runs)} | {hits} | {ws:.0f} |")
     if rows:
-        out += ["Per experiment in the store: finished runs, rollout-cache hits (points that "
-                "reused scored trajectories instead of training and sampling), and the sum of "
-                "the notebooks' own wall time (excludes kernel start-up and logging).", "",
-                "| experiment | runs | cache hits | notebook wall (s) |", "|---|---|---|---|",
-                *rows, ""]
+        out += ["All finished runs in the store, per experiment: points reported (the latest run "
+                "of each), all finished runs (a point run again, e.g. a re-run or a parallel "
+                "sweep, counts twice), rollout-cache hits among them (runs that reused scored "
+                "trajectories instead of training and sampling) and the summed notebook wall "
+                "time of all runs (excludes kernel start-up and logging, ~20-30 s per point "
+                "here).", "",
+                "| experiment | points reported | finished runs | cache hits | notebook wall (s) |",
+                "|---|---|---|---|---|", *rows, "",
+                f"Summed notebook wall time of all finished runs: {total / 60:.1f} min."
+                + (f" {extra} runs are repeats of a point, so the `make ablations` time above "
+                   f"does not contain all the compute behind this report: points computed by "
+                   f"another sweep appear as cache hits in it." if extra else ""), ""]
     return out
 
 
@@ -646,6 +656,15 @@ def discussion(runs: dict, fit: dict | None) -> list[str]:
             best = max(vals, key=lambda t: t[1]["mean"])
             worst = min(vals, key=lambda t: t[1]["mean"])
             ref = dict(vals).get("reference")
+            ref_vals = {m: stat(seg, m, "reference") for m in ("auroc", "step_f1", "bon@8")}
+            same = [v for v, _ in vals if v != "reference" and ref_vals["auroc"] is not None
+                    and all(stat(seg, m, v) is not None and ref_vals[m] is not None
+                            and stat(seg, m, v)["mean"] == ref_vals[m]["mean"] for m in ref_vals)]
+            if same:
+                bullet(f"**Segmentation rules that coincide**: {', '.join(same)} give exactly the "
+                       f"reference's AUROC, step F1 and bon@8 (identical numbers, so the rules "
+                       f"pick the same step positions on this tokenizer, where '.\\n\\n' is one "
+                       f"token).")
             bullet(f"**Segmentation** (not ablated in the paper): best AUROC {best[0]} "
                    f"{fmt(best[1])}, worst {worst[0]} {fmt(worst[1])}; reference {fmt(ref)}. "
                    + versus("reference", ref, "reference read at the step token",
