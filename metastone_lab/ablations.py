@@ -4,8 +4,10 @@
     python -m metastone_lab.ablations --micro         # every spec, tiny parameters (minutes)
     python -m metastone_lab.ablations --only ablate_loss --dry-run
     python -m metastone_lab.ablations --with-smollm2  # also the (slow) SmolLM2 segmentation spec
+    python -m metastone_lab.ablations --only probe    # only the representation probe
 
-Specs run in :data:`SPECS` order (``experiments/<name>.yaml``), each through
+Specs run in :data:`SPECS` order, then the representation probe
+(:mod:`metastone_lab.probe`, step ``probe``) (``experiments/<name>.yaml``), each through
 :func:`runner.run_spec` (one MLflow child run per point x seed). Points that
 share a backbone, training and evaluation config reuse the scored trajectories
 from the rollout cache (``cache_dir`` in the specs), so order matters: the
@@ -45,6 +47,10 @@ SPECS = ["ablate_aggregation", "ablate_scaling_law", "ablate_loss", "ablate_segm
          "ablate_ood", "ablate_shared_vs_separate", "ablate_representation"]
 #: slow on CPU; only with --with-smollm2
 OPTIONAL_SPECS = ["ablate_segmentation_smollm2"]
+#: steps that are not specs: the representation probe (metastone_lab.probe), run last
+PROBE_STEP = "probe"
+#: the probe at micro scale (what the tests execute)
+MICRO_PROBE = {"n_train": 6, "n_test": 4, "k": 4, "max_new_tokens": 40}
 
 MICRO_TRAIN = {"prompts_per_step": 2, "n": 4, "eval_every": 1, "eval_val_problems": 4,
                "eval_test_problems": 4, "eval_samples": 2}
@@ -124,6 +130,19 @@ def run_all(names: list[str], *, micro: bool = False, dry_run: bool = False,
     out: dict[str, Any] = {"specs": {}, "micro": micro, "cores": cores}
     worst = 0
     for name in names:
+        if name == PROBE_STEP:
+            if dry_run:
+                log(f"[ablations] {name}: would run the representation probe")
+                continue
+            t0, c0 = time.monotonic(), _cpu_seconds()
+            rep = _run_probe(micro, tracking_uri or tracking.resolve_tracking_uri(root), log)
+            wall, cpu = time.monotonic() - t0, _cpu_seconds() - c0
+            out["specs"][name] = {"points": 1, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+                                  "exit_code": rep, "failed": [name] if rep else []}
+            worst = max(worst, rep)
+            log(f"[ablations] {name}: {wall:.1f} s wall, {cpu:.1f} s CPU"
+                + (", FAILED" if rep else ""))
+            continue
         path = spec_path(name, root)
         if micro:
             data = micro_spec(load_yaml(path), cache_dir=str(runs_dir / "_rollout_cache_micro"),
@@ -176,6 +195,23 @@ def run_all(names: list[str], *, micro: bool = False, dry_run: bool = False,
 TIMING_EXPERIMENT = "ablations"
 
 
+def _run_probe(micro: bool, tracking_uri: str, log) -> int:
+    """The representation probe on the default backbone (micro: the micro one);
+    returns 0, or 1 after logging the error (the other results stand)."""
+    from . import probe
+
+    try:
+        if micro:
+            probe.run_and_log("micro", probe.ProbeConfig(**MICRO_PROBE),
+                              tracking_uri=tracking_uri, log=lambda s: None)
+        else:
+            probe.run_and_log("tiny", probe.ProbeConfig(), tracking_uri=tracking_uri, log=log)
+        return 0
+    except Exception as e:  # noqa: BLE001 - one failed step must not lose the others
+        log(f"[ablations] probe FAILED: {type(e).__name__}: {e}")
+        return 1
+
+
 def cli_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m metastone_lab.ablations",
                                  description=__doc__.split("\n")[0])
@@ -193,13 +229,14 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tracking-uri", default=None)
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
-    names = a.only or SPECS + (OPTIONAL_SPECS if a.with_smollm2 else [])
+    names = a.only or SPECS + (OPTIONAL_SPECS if a.with_smollm2 else []) + [PROBE_STEP]
     if a.micro:
         names = [n for n in names if n not in OPTIONAL_SPECS]
-    unknown = [n for n in names if n not in SPECS + OPTIONAL_SPECS]
+    known = SPECS + OPTIONAL_SPECS + [PROBE_STEP]
+    unknown = [n for n in names if n not in known]
     if unknown:
         raise ConfigError(f"--only {unknown}: unknown ablation spec; choose from "
-                          f"{', '.join(SPECS + OPTIONAL_SPECS)}")
+                          f"{', '.join(known)}")
     res = run_all(names, micro=a.micro, dry_run=a.dry_run, resume=a.resume,
                   runs_dir=Path(a.runs_dir) if a.runs_dir else None,
                   tracking_uri=a.tracking_uri, progress=not a.no_progress,

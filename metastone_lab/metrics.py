@@ -69,6 +69,42 @@ def auroc(scores: Sequence[float], labels: Sequence[bool | int]) -> float:
     return float(u / (n_pos * n_neg))
 
 
+# ------------------------------------------------- ranking within a problem
+def _group_aurocs(scores, labels, groups) -> list[float]:
+    by: dict[Any, tuple[list, list]] = {}
+    for s, y, g in zip(scores, labels, groups):
+        by.setdefault(g, ([], []))[0 if y else 1].append(float(s))
+    vals = []
+    for pos, neg in by.values():
+        if pos and neg:
+            p, n = np.asarray(pos)[:, None], np.asarray(neg)[None, :]
+            vals.append(float(((p > n) + 0.5 * (p == n)).mean()))
+    return vals
+
+
+def _group_best(scores, labels, groups) -> list[float]:
+    best: dict[Any, tuple[float, bool]] = {}
+    for s, y, g in zip(scores, labels, groups):
+        if g not in best or float(s) > best[g][0]:
+            best[g] = (float(s), bool(y))
+    return [float(c) for _, c in best.values()]
+
+
+def within_group_auroc(scores: Sequence[float], labels: Sequence[bool | int],
+                       groups: Sequence[Any]) -> tuple[float, int]:
+    """Mean over groups of the AUROC among that group's items (ties count 1/2),
+    over the groups that hold both classes. Returns (value or nan, n groups)."""
+    vals = _group_aurocs(scores, labels, groups)
+    return (float(np.mean(vals)) if vals else float("nan")), len(vals)
+
+
+def best_of_group(scores: Sequence[float], labels: Sequence[bool | int],
+                  groups: Sequence[Any]) -> float:
+    """Accuracy of picking each group's highest-scored item (first on ties)."""
+    vals = _group_best(scores, labels, groups)
+    return float(np.mean(vals)) if vals else float("nan")
+
+
 def _average_ranks(x: np.ndarray) -> np.ndarray:
     """1-based ranks of ``x`` with ties given their average rank."""
     order = np.argsort(x, kind="mergesort")

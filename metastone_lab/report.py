@@ -389,7 +389,7 @@ def _p(runs, name: str, default: str = "?") -> str:
 
 
 def _timing_section(uri: str | None, fam_runs: dict) -> list[str]:
-    from .ablations import SPECS, TIMING_EXPERIMENT
+    from .ablations import PROBE_STEP, SPECS, TIMING_EXPERIMENT
 
     out = ["## Wall time", ""]
     t = load_runs(TIMING_EXPERIMENT, uri, children_only=False)
@@ -409,7 +409,7 @@ def _timing_section(uri: str | None, fam_runs: dict) -> list[str]:
                    f"{r.get('metrics.loadavg_end', float('nan')):.1f} at the end.")
         out.append("")
         out.append("| spec | points | wall (s) |\n|---|---|---|")
-        for s in SPECS:
+        for s in SPECS + [PROBE_STEP]:
             w = r.get(f"metrics.wall_s.{s}")
             if w is not None and math.isfinite(w):
                 out.append(f"| {s} | {r.get(f'metrics.points.{s}', float('nan')):.0f} | {w:.0f} |")
@@ -581,13 +581,117 @@ def build_report(tracking_uri: str | None = None, out: str | Path = "docs/result
     else:
         L += ["Not run (experiment `ablate_scaling_law` has no finished runs).", ""]
 
-    L += discussion(runs, fit)
+    probe_lines, probe = probe_section(uri)
+    L += probe_lines
+    L += discussion(runs, fit, probe)
     text = "\n".join(L) + "\n"
     atomic_write_text(out, text)
     return text
 
 
-def discussion(runs: dict, fit: dict | None) -> list[str]:
+def load_probe(uri: str | None) -> dict | None:
+    """The latest finished ``metastone-lab probe`` run as {"rows": [...], "attrs": {...},
+    "run_id", "params"}, rebuilt from its flat metrics; None when the store has none."""
+    from .probe import COLUMNS, PROBE_EXPERIMENT
+
+    t = load_runs(PROBE_EXPERIMENT, uri, children_only=False, dedupe=False)
+    if not len(t):
+        return None
+    r = t.iloc[-1]
+    rows: dict[tuple[str, str], dict] = {}
+    attrs = {}
+    for col, v in r.items():
+        if not str(col).startswith("metrics.") or v is None or v != v:
+            continue
+        parts = str(col)[len("metrics."):].split(".")
+        if len(parts) == 3 and parts[2] in COLUMNS:
+            rows.setdefault((parts[0], parts[1]), {"feature": parts[0], "labels": parts[1]})[
+                parts[2]] = float(v)
+        elif len(parts) == 1:
+            attrs[parts[0]] = float(v)
+    params = {str(c)[len("params."):]: v for c, v in r.items() if str(c).startswith("params.")}
+    return {"rows": list(rows.values()), "attrs": attrs, "run_id": r["run_id"],
+            "params": params}
+
+
+def _probe_ci(row: dict, key: str, lo: str, hi: str) -> str:
+    v = row.get(key)
+    if v is None:
+        return "n/a"
+    if row.get(lo) is None or row.get(hi) is None:
+        return f"{v:.3f}"
+    return f"{v:.3f} [{row[lo]:.3f}, {row[hi]:.3f}]"
+
+
+def probe_section(uri: str | None) -> tuple[list[str], dict | None]:
+    """The representation-probe table (markdown lines) and the parsed run."""
+    pr = load_probe(uri)
+    L = ["## Representation probe: what the step-position features encode", "",
+         "Can *any* head on these features rank a problem's samples? `metastone-lab probe` "
+         "samples k trajectories per problem from the frozen policy, reads every hidden layer "
+         "at the reference step positions, and fits a logistic-regression probe per layer on "
+         "train-split rollouts, with the **oracle step labels** (correct = before the task's "
+         "first wrong step, which no self-supervised head sees) or with the outcome label on "
+         "every step (what the SPR loss sees). Held-out test trajectories are scored by the "
+         "geometric mean of the probe's step probabilities. `policy_logprob` ranks the same "
+         "samples by the policy's own mean token log-prob (no training). Within-problem AUROC "
+         "and best-of-k carry 95 % bootstrap CIs over test problems (one probe run).", ""]
+    if pr is None:
+        return L + ["Not run (experiment `probe` has no finished runs; `metastone-lab probe`).",
+                    ""], None
+    a, p = pr["attrs"], pr["params"]
+    L += [f"Run {pr['run_id'][:8]}: backbone `{p.get('backbone', '?')}`, "
+          f"{p.get('n_train', '?')} train / {a.get('n_test_problems', float('nan')):.0f} test "
+          f"problems x k={a.get('k', float('nan')):.0f} (T={p.get('temperature', '?')}), "
+          f"{a.get('n_train_steps', float('nan')):.0f} train steps / "
+          f"{a.get('n_test_steps', float('nan')):.0f} test steps; test pass@1 "
+          f"{a.get('pass_at_1', float('nan')):.3f}, pass@k {a.get('pass_at_k', float('nan')):.3f}; "
+          f"{a.get('seconds', float('nan')):.0f} s.", "",
+          "| feature | labels | step AUROC | trajectory AUROC (pooled) | within-problem AUROC "
+          "| best-of-k |", "|---|---|---|---|---|---|"]
+    for row in pr["rows"]:
+        step = row.get("step_auroc")
+        traj = row.get("traj_auroc")
+        L.append(f"| {row['feature']} | {row['labels']} | "
+                 f"{'n/a' if step is None else f'{step:.3f}'} | "
+                 f"{'n/a' if traj is None else f'{traj:.3f}'} | "
+                 f"{_probe_ci(row, 'within_auroc', 'within_lo', 'within_hi')} | "
+                 f"{_probe_ci(row, 'bon_at_k', 'bon_lo', 'bon_hi')} |")
+    return L + [""], pr
+
+
+def _probe_bullet(pr: dict, base) -> str | None:
+    rows = [r for r in pr["rows"] if r.get("within_auroc") is not None]
+    oracle = [r for r in rows if r["labels"] == "oracle_step"]
+    lp = next((r for r in rows if r["feature"] == "policy_logprob"), None)
+    if not oracle or lp is None:
+        return None
+    best = max(oracle, key=lambda r: r["within_auroc"])
+    nan = float("nan")
+    within = {"mean": best["within_auroc"], "lo": best.get("within_lo", nan),
+              "hi": best.get("within_hi", nan), "n": 1}
+    lpw = {"mean": lp["within_auroc"], "lo": lp.get("within_lo", nan),
+           "hi": lp.get("within_hi", nan), "n": 1}
+    text = ("**Why best-of-N fails here (representation probe)**: the best oracle-label probe "
+            f"({best['feature']}) ranks a problem's samples at within-problem AUROC "
+            f"{fmt(within)}, best-of-{pr['attrs'].get('k', float('nan')):.0f} "
+            f"{_probe_ci(best, 'bon_at_k', 'bon_lo', 'bon_hi')}; the policy's own mean token "
+            f"log-prob reaches {fmt(lpw)}, best-of-k {_probe_ci(lp, 'bon_at_k', 'bon_lo', 'bon_hi')} "
+            f"(pass@1 {pr['attrs'].get('pass_at_1', float('nan')):.3f}). ")
+    if within["hi"] < lpw["lo"]:  # False when a CI is missing (nan)
+        text += ("The model's output distribution tells its right samples from its wrong ones, "
+                 "but the hidden states at the step positions do not expose it, not even to a "
+                 "probe trained with the true step labels: the SPRM head reads features that "
+                 "cap it near chance on this backbone, whatever its loss.")
+    else:
+        text += "The step-position features are not clearly worse than the policy's log-prob."
+    sprm = stat(base, "auroc_within.geometric") if len(base) else None
+    if sprm is not None:
+        text += f" The trained SPRM head: {fmt(sprm)}."
+    return text
+
+
+def discussion(runs: dict, fit: dict | None, probe: dict | None = None) -> list[str]:
     """The discussion, every number read from the runs (comparisons with the paper's
     reported numbers, which are constants of the paper, are labelled as such)."""
     L = ["## Discussion (generated from the numbers above)", ""]
@@ -703,6 +807,10 @@ def discussion(runs: dict, fit: dict | None) -> list[str]:
                + f"; pass@1 {fmt(stat(ood, 'pass@1', 'in_domain'))} -> "
                  f"{fmt(stat(ood, 'pass@1', 'ood'))}; bon@8 "
                  f"{fmt(stat(ood, 'bon@8', 'in_domain'))} -> {fmt(stat(ood, 'bon@8', 'ood'))}.")
+    if probe is not None:
+        b = _probe_bullet(probe, base)
+        if b:
+            bullet(b)
     missing = [n for n, r in runs.items() if len(r) == 0]
     L += ["", "### Limits", "",
           f"- CPU scale: a {fmt(stat(base, 'params_policy'), 0)}-parameter policy, a head "

@@ -478,14 +478,16 @@ def within_problem_auroc(samples, aggregator: str = "geometric") -> tuple[float 
     among the k samples of the SAME problem, over the problems that have both
     (ties count 1/2). This is what best-of-N needs; the pooled AUROC also rewards
     a head that only recognises easy problems. Returns (value or None, n problems)."""
-    vals = []
-    for ps in samples:
-        ok = [t.scores.get(aggregator, 0.0) for t in ps.trajectories if t.correct]
-        bad = [t.scores.get(aggregator, 0.0) for t in ps.trajectories if not t.correct]
-        if ok and bad:
-            wins = sum((a > b) + 0.5 * (a == b) for a in ok for b in bad)
-            vals.append(wins / (len(ok) * len(bad)))
-    return (sum(vals) / len(vals) if vals else None), len(vals)
+    from .metrics import within_group_auroc
+
+    scores, labels, groups = [], [], []
+    for pi, ps in enumerate(samples):
+        for t in ps.trajectories:
+            scores.append(t.scores.get(aggregator, 0.0))
+            labels.append(bool(t.correct))
+            groups.append(pi)
+    value, n = within_group_auroc(scores, labels, groups)
+    return (value if n else None), n
 
 
 #: training-curve series copied into the ablation summary as ``curve.<name>@<step>``

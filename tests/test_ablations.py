@@ -139,14 +139,14 @@ def test_within_problem_auroc_ranks_inside_each_problem():
 def test_micro_ablations_and_report(tmp_path, monkeypatch):
     monkeypatch.setenv("METASTONE_LAB_CACHE", str(tmp_path / "cache"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    res = ablations.run_all(["ablate_aggregation", "ablate_ood"], micro=True,
+    res = ablations.run_all(["ablate_aggregation", "ablate_ood", ablations.PROBE_STEP], micro=True,
                             runs_dir=tmp_path / "runs", tracking_uri=uri, progress=False,
                             max_seeds=1, log=lambda *_: None)
     assert res["exit_code"] == 0, res
     assert res["specs"]["ablate_aggregation"]["points"] == 1
     assert res["total_wall_s"] > 0 and 0 < res["cpu_share"] <= 1.5
     timing = json.loads((tmp_path / "runs" / "ablations_timing_micro.json").read_text())
-    assert set(timing["specs"]) == {"ablate_aggregation", "ablate_ood"}
+    assert set(timing["specs"]) == {"ablate_aggregation", "ablate_ood", "probe"}
     # the in-domain ood point has the aggregation point's config (micro): a cache hit
     ood = report.load_runs("ablate_ood", uri)
     tags = dict(zip(ood["params.variant"], ood["tags.metastone.rollout_cache"]))
@@ -171,6 +171,8 @@ def test_micro_ablations_and_report(tmp_path, monkeypatch):
         assert (tmp_path / "docs" / "figures" / f).stat().st_size > 1000
     assert "## Aggregation" in text and "| geometric |" in text and "## Out of domain" in text
     assert "| in_domain |" in text and "| ood |" in text
+    # the representation probe ran (micro) and its table is read back from the store
+    assert "## Representation probe" in text and "| policy_logprob | none |" in text
     assert "Last `make ablations`" in text  # timing read back from the store
     assert "Not in this store" in text and "ablate_loss" in text  # missing families said so
 

@@ -1,0 +1,339 @@
+"""Representation probe: do the backbone's hidden states at the step positions
+tell a problem's right samples from its wrong ones?
+
+The SPRM head is a small MLP on one hidden state per step. It can only rank
+the k samples of one problem (what best-of-N needs) if that hidden state
+carries the step's correctness. This diagnostic measures the ceiling directly:
+
+1. sample ``k`` trajectories per problem from the policy on ``n_train`` train
+   and ``n_test`` test problems (the same engine and step rule as evaluation);
+2. read every hidden layer at the scored step positions;
+3. fit a logistic-regression probe per layer on the train rollouts, once with
+   the **oracle step labels** (step correct = before the task's first wrong
+   step; what no self-supervised head can see) and once with the **outcome
+   label** on every step (what the SPR loss sees before its filter);
+4. score the held-out test trajectories with the probe (geometric mean of step
+   probabilities, the reference aggregator) and report pooled step AUROC,
+   pooled trajectory AUROC, **within-problem AUROC** and best-of-k accuracy.
+
+As a contrast that needs no training, the policy's own mean token log-prob
+of each trajectory (at temperature 1) ranks the same samples: when it ranks
+them well and the probes do not, the model "knows" the right answer in its
+output distribution but the step-position hidden state does not expose it.
+
+    frame = run_probe(model, tokenizer, task, ProbeConfig(n_train=300, n_test=100))
+
+``metastone-lab probe`` runs it on a named backbone and logs the table to the
+MLflow experiment ``probe``; ``make ablations`` runs it and the report shows it.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+
+from .config import check
+from .errors import ConfigError
+
+#: MLflow experiment the probe logs to (read by the report)
+PROBE_EXPERIMENT = "probe"
+#: columns of the probe table
+COLUMNS = ["feature", "labels", "step_auroc", "traj_auroc", "within_auroc", "within_lo",
+           "within_hi", "bon_at_k", "bon_lo", "bon_hi", "n_test_steps"]
+_NAN_METRICS = {c: float("nan") for c in COLUMNS[2:-1]}
+
+
+@dataclass
+class ProbeConfig:
+    """What to sample and how to fit the probes.
+
+    ``layers``: indices into the backbone's ``hidden_states`` (0 = embeddings,
+    -1 = last); empty = every layer. ``l2``: ridge penalty of the logistic
+    regression (on standardised features).
+    """
+
+    n_train: int = 300
+    n_test: int = 100
+    k: int = 8
+    temperature: float = 0.8
+    max_new_tokens: int = 64
+    segmenter: str = "reference"
+    read_at: Literal["before_step_token", "step_token"] = "before_step_token"
+    layers: tuple = ()
+    l2: float = 1e-3
+    max_iter: int = 200
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.n_train >= 1, f"ProbeConfig.n_train must be >= 1, got {self.n_train}")
+        check(self.n_test >= 1, f"ProbeConfig.n_test must be >= 1, got {self.n_test}")
+        check(self.k >= 2, f"ProbeConfig.k must be >= 2 (within-problem ranking needs "
+                           f"several samples per problem), got {self.k}")
+        check(self.temperature > 0, f"ProbeConfig.temperature must be > 0, got {self.temperature}")
+        check(self.l2 >= 0, f"ProbeConfig.l2 must be >= 0, got {self.l2}")
+        self.layers = tuple(int(v) for v in self.layers)
+
+
+# ------------------------------------------------------------------ the probe
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, max_iter: int = 200):
+    """Fit ``p(y=1|x) = sigmoid(x_std @ w + b)`` by L-BFGS on the mean log-loss
+    plus ``l2 * |w|^2``. ``x`` (N, C) float, ``y`` (N,) in {0, 1}. Returns a
+    function (M, C) -> probabilities (M,) (standardised with the train statistics)."""
+    if x.dim() != 2 or y.shape != (x.shape[0],):
+        raise ConfigError(f"fit_logistic: x must be (N, C) and y (N,), got {tuple(x.shape)} "
+                          f"and {tuple(y.shape)}")
+    x = x.double()
+    y = y.double()
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mu) / sd
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) \
+            + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    w, b = w.detach(), b.detach()
+    return lambda xs: torch.sigmoid(((xs.double() - mu) / sd) @ w + b).float()
+
+
+# ------------------------------------------------------------ the rollouts
+@dataclass
+class _Rollouts:
+    features: list           # per layer: (S, C) float32, S = all scored steps
+    step_label: np.ndarray   # (S,) 1 = step before the first wrong step; -1 = unknown
+    outcome: np.ndarray      # (S,) the trajectory's correctness on each step
+    traj_of_step: np.ndarray  # (S,) trajectory index
+    traj_correct: np.ndarray  # (T,)
+    traj_group: np.ndarray    # (T,) problem index
+    traj_logprob: np.ndarray  # (T,) mean token log-prob under the policy (temperature 1)
+
+
+@torch.inference_mode()
+def collect(model, tokenizer, task, split: str, n: int, cfg: ProbeConfig,
+            seed_offset: int = 0) -> _Rollouts:
+    """Sample ``cfg.k`` trajectories for ``n`` problems of ``split`` and read every
+    hidden layer at their step positions (one re-forward per problem)."""
+    from .generate import GenerateConfig, encode_prompt, generate_best_of_n
+    from .sprm import ReflectiveModel
+
+    rm = model if hasattr(model, "head_logits_from_hidden") else ReflectiveModel(model)
+    backbone = rm.backbone
+    gcfg = GenerateConfig(k=cfg.k, temperature=cfg.temperature,
+                          max_new_tokens=cfg.max_new_tokens, segmenter=cfg.segmenter,
+                          read_at=cfg.read_at, seed=cfg.seed + seed_offset)
+    samples = generate_best_of_n(rm, tokenizer, task.problems(split, n), task, gcfg)
+    feats: list[list[torch.Tensor]] = []
+    step_label, outcome, traj_of_step = [], [], []
+    correct, group, logprob = [], [], []
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        for pi, ps in enumerate(samples):
+            prompt = encode_prompt(tokenizer, ps.problem.prompt)
+            seqs = [prompt + list(t.token_ids) for t in ps.trajectories]
+            L = max(len(s) for s in seqs)
+            ids = torch.zeros(len(seqs), L, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for i, s in enumerate(seqs):
+                ids[i, :len(s)] = torch.tensor(s)
+                attn[i, :len(s)] = 1
+            dev = next(backbone.parameters()).device
+            out = backbone(input_ids=ids.to(dev), attention_mask=attn.to(dev),
+                           output_hidden_states=True)
+            hs = [h.float().cpu() for h in out.hidden_states]
+            logp = out.logits.float().cpu().log_softmax(-1)
+            if not feats:
+                feats = [[] for _ in hs]
+            for i, t in enumerate(ps.trajectories):
+                ti = len(correct)
+                n_gen = len(t.token_ids)
+                if n_gen:
+                    tok = ids[i, len(prompt):len(prompt) + n_gen]
+                    lp = logp[i, len(prompt) - 1:len(prompt) - 1 + n_gen].gather(1, tok[:, None])
+                    logprob.append(float(lp.mean()))
+                else:
+                    logprob.append(float("-inf"))
+                correct.append(bool(t.correct))
+                group.append(pi)
+                fws = t.first_wrong_step
+                for j, pos in enumerate(t.step_positions):
+                    for layer, h in enumerate(hs):
+                        feats[layer].append(h[i, pos])
+                    step_label.append(-1 if fws is None else int(fws == -1 or j < fws))
+                    outcome.append(int(t.correct))
+                    traj_of_step.append(ti)
+    finally:
+        backbone.train(was_training)
+    if not step_label:
+        raise ConfigError(f"probe: no scored step in {len(correct)} {split} trajectories; the "
+                          f"{cfg.segmenter!r} segmenter found no step positions (does the "
+                          f"tokenizer have the step token?)")
+    return _Rollouts([torch.stack(f) for f in feats], np.asarray(step_label),
+                     np.asarray(outcome), np.asarray(traj_of_step), np.asarray(correct),
+                     np.asarray(group), np.asarray(logprob))
+
+
+def _trajectory_scores(step_p: np.ndarray, r: _Rollouts) -> np.ndarray:
+    """Geometric mean of step probabilities per trajectory (zero-step rows score 0)."""
+    logs = np.zeros(len(r.traj_correct))
+    counts = np.zeros(len(r.traj_correct))
+    np.add.at(logs, r.traj_of_step, np.log(np.clip(step_p, 1e-6, 1.0)))
+    np.add.at(counts, r.traj_of_step, 1)
+    return np.where(counts > 0, np.exp(logs / np.maximum(counts, 1)), 0.0)
+
+
+def _row(feature: str, labels: str, traj_scores: np.ndarray, te: _Rollouts,
+         step_p: np.ndarray | None) -> dict:
+    """One table row; CIs (95 %) resample test problems (1000 bootstrap draws)."""
+    from .metrics import _group_aurocs, _group_best, auroc, bootstrap_ci
+
+    known = te.step_label >= 0
+    step_auc = float("nan")
+    if step_p is not None and known.any() and len(set(te.step_label[known])) == 2:
+        step_auc = auroc(step_p[known], te.step_label[known])
+    traj_auc = auroc(traj_scores, te.traj_correct) if len(set(te.traj_correct)) == 2 \
+        else float("nan")
+    within = _group_aurocs(traj_scores, te.traj_correct, te.traj_group)
+    best = _group_best(traj_scores, te.traj_correct, te.traj_group)
+    w_lo, w_hi = bootstrap_ci(within)
+    b_lo, b_hi = bootstrap_ci(best)
+    return {"feature": feature, "labels": labels, "step_auroc": step_auc,
+            "traj_auroc": traj_auc,
+            "within_auroc": float(np.mean(within)) if within else float("nan"),
+            "within_lo": w_lo, "within_hi": w_hi,
+            "bon_at_k": float(np.mean(best)) if best else float("nan"),
+            "bon_lo": b_lo, "bon_hi": b_hi, "n_test_steps": int(len(te.outcome))}
+
+
+def layer_name(index: int, n_states: int) -> str:
+    i = index % n_states
+    return "embeddings" if i == 0 else f"layer_{i}"
+
+
+def _check_layers(model, layers: Sequence[int], n_states: int | None = None) -> None:
+    if n_states is None:
+        from .sprm import backbone_config
+
+        n_layers = getattr(backbone_config(getattr(model, "backbone", model)),
+                           "num_hidden_layers", None)
+        if n_layers is None:
+            return
+        n_states = int(n_layers) + 1
+    for v in layers:
+        if not -n_states <= v < n_states:
+            raise ConfigError(f"ProbeConfig.layers: {v} is out of range for a backbone with "
+                              f"{n_states} hidden states (0 = embeddings, -1 = last)")
+
+
+def run_probe(model, tokenizer, task, cfg: ProbeConfig | None = None):
+    """The probe table (pandas DataFrame, :data:`COLUMNS`) plus ``frame.attrs``
+    with ``pass@1``, ``pass@k``, ``k``, ``n_train_steps``, ``n_test_steps`` and
+    ``seconds``. Rows: one per (layer, label kind) and ``policy_logprob``."""
+    import pandas as pd
+
+    cfg = cfg or ProbeConfig()
+    t0 = time.perf_counter()
+    _check_layers(model, cfg.layers)
+    tr = collect(model, tokenizer, task, "train", cfg.n_train, cfg, seed_offset=0)
+    te = collect(model, tokenizer, task, "test", cfg.n_test, cfg, seed_offset=104729)
+    n_states = len(tr.features)
+    layers = cfg.layers or tuple(range(n_states))
+    _check_layers(model, layers, n_states)
+    rows = []
+    label_kinds = [("outcome", tr.outcome)]
+    if (tr.step_label >= 0).all() and len(set(tr.step_label)) == 2:
+        label_kinds.insert(0, ("oracle_step", tr.step_label))
+    for v in layers:
+        for kind, y in label_kinds:
+            if len(set(y)) < 2:  # one class only: nothing to fit, the row says so
+                rows.append({"feature": layer_name(v, n_states), "labels": kind,
+                             **_NAN_METRICS, "n_test_steps": int(len(te.outcome))})
+                continue
+            predict = fit_logistic(tr.features[v], torch.as_tensor(y), cfg.l2, cfg.max_iter)
+            p = predict(te.features[v]).numpy()
+            rows.append(_row(layer_name(v, n_states), kind, _trajectory_scores(p, te), te, p))
+    rows.append(_row("policy_logprob", "none", te.traj_logprob, te, None))
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    groups = {}
+    for c, g in zip(te.traj_correct, te.traj_group):
+        groups.setdefault(g, []).append(bool(c))
+    frame.attrs.update({
+        "pass@1": float(np.mean(te.traj_correct)),
+        "pass@k": float(np.mean([any(v) for v in groups.values()])),
+        "k": cfg.k, "n_train_steps": int(len(tr.outcome)), "n_test_steps": int(len(te.outcome)),
+        "n_test_problems": len(groups), "seconds": time.perf_counter() - t0,
+    })
+    return frame
+
+
+def metrics_of(frame) -> dict[str, float]:
+    """Flat MLflow metrics: ``<feature>.<labels>.<column>`` plus the attrs."""
+    out = {}
+    for _, r in frame.iterrows():
+        for c in COLUMNS[2:-1]:
+            v = r[c]
+            if v == v:  # not NaN
+                out[f"{r['feature']}.{r['labels']}.{c}"] = float(v)
+    out.update({k: float(v) for k, v in frame.attrs.items()})
+    return out
+
+
+def run_and_log(backbone: str = "tiny", cfg: ProbeConfig | None = None, *,
+                task: str = "arith", tracking_uri: str | None = None,
+                backbone_options: dict | None = None, log=print):
+    """Build/load ``backbone``, run the probe, log it to the MLflow experiment
+    ``probe`` (params, flat metrics, the table as ``probe.json``). Returns the frame."""
+    from . import tracking
+    from .backbones import load_backbone
+    from .config import to_dict
+    from .tasks import get_task
+
+    cfg = cfg or ProbeConfig()
+    if backbone_options:
+        from .config import from_dict
+        from .study import StudyConfig, backbone_config
+
+        bcfg = backbone_config(from_dict(StudyConfig, {"backbone": backbone,
+                                                       "backbone_options": backbone_options}))
+        model, tok = load_backbone(backbone, config=bcfg)
+    else:
+        model, tok = load_backbone(backbone)
+    torch.manual_seed(cfg.seed)
+    frame = run_probe(model, tok, get_task(task), cfg)
+    log(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    t = tracking.Tracker(tracking_uri)
+    with t.run(PROBE_EXPERIMENT, run_name=f"probe-{backbone}",
+               params={"backbone": backbone, "task": task, **to_dict(cfg)}):
+        t.log_metrics(metrics_of(frame), step=0)
+        t.log_table(frame, "probe.json")
+    return frame
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="metastone-lab probe", description=__doc__.split("\n")[0])
+    ap.add_argument("--backbone", default="tiny", help="tiny | micro | smollm2 | an HF id/path")
+    ap.add_argument("--task", default="arith")
+    ap.add_argument("--n-train", type=int, default=ProbeConfig.n_train)
+    ap.add_argument("--n-test", type=int, default=ProbeConfig.n_test)
+    ap.add_argument("--k", type=int, default=ProbeConfig.k)
+    ap.add_argument("--max-new-tokens", type=int, default=ProbeConfig.max_new_tokens)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tracking-uri", default=None)
+    a = ap.parse_args(argv)
+    cfg = ProbeConfig(n_train=a.n_train, n_test=a.n_test, k=a.k,
+                      max_new_tokens=a.max_new_tokens, seed=a.seed)
+    run_and_log(a.backbone, cfg, task=a.task, tracking_uri=a.tracking_uri)
+    return 0
+
+
+__all__ = ["ProbeConfig", "PROBE_EXPERIMENT", "fit_logistic", "collect", "run_probe", "metrics_of", "run_and_log", "cli_main"]
