@@ -86,6 +86,11 @@ FAMILIES = [
            ["auroc", "auroc_within", "step_f1", "bon@2", "bon@8", "weighted@8", "majority@8",
             "pass@1", "wall_seconds"],
            "Which positions the head reads (trained and evaluated with the same rule)."),
+    Family("ablate_segmentation_smollm2", "Step segmentation on SmolLM2-135M",
+           ["auroc", "auroc_within", "step_f1", "bon@2", "bon@4", "pass@1", "wall_seconds"],
+           "A real small LLM whose BPE splits '.\\n\\n', so the reference rule misfires on "
+           "every '.'; tiny scale (8 test problems x k=4, 4 head steps; optional spec, "
+           "`--with-smollm2`)."),
     Family("ablate_loss", "Loss",
            ["auroc", "auroc_within", "step_f1", "bon@2", "bon@8", "weighted@8", "pass@1",
             "wall_seconds"],
@@ -610,7 +615,13 @@ def load_probe(uri: str | None) -> dict | None:
         elif len(parts) == 1:
             attrs[parts[0]] = float(v)
     params = {str(c)[len("params."):]: v for c, v in r.items() if str(c).startswith("params.")}
-    return {"rows": list(rows.values()), "attrs": attrs, "run_id": r["run_id"],
+    def order(row):  # embeddings, layer_1..N, then the log-prob baseline
+        f = row["feature"]
+        depth = 0 if f == "embeddings" else int(f[6:]) if re.fullmatch(r"layer_\d+", f) \
+            else 10 ** 6
+        return depth, row["labels"]
+
+    return {"rows": sorted(rows.values(), key=order), "attrs": attrs, "run_id": r["run_id"],
             "params": params}
 
 
@@ -773,6 +784,15 @@ def discussion(runs: dict, fit: dict | None, probe: dict | None = None) -> list[
                    f"{fmt(best[1])}, worst {worst[0]} {fmt(worst[1])}; reference {fmt(ref)}. "
                    + versus("reference", ref, "reference read at the step token",
                             dict(vals).get("reference_at_step_token")) + ".")
+    sm = runs.get("ablate_segmentation_smollm2")
+    if sm is not None and len(sm):
+        bullet("**Segmentation on SmolLM2-135M** (where '.\\n\\n' is not one token): "
+               + versus("reference", stat(sm, "auroc", "reference"), "paragraph",
+                        stat(sm, "auroc", "paragraph")) + "; "
+               + versus("reference", stat(sm, "auroc", "reference"), "sentence",
+                        stat(sm, "auroc", "sentence"))
+               + f" (AUROC; pass@1 {fmt(stat(sm, 'pass@1'))}, "
+                 f"{_p(sm, 'n_test')} test problems, so CIs are wide).")
     if len(rep):
         pen, last, mid = (stat(rep, "auroc", v) for v in ("layer_penultimate_width_x1",
                                                           "layer_last", "layer_middle"))
