@@ -785,7 +785,13 @@ def discussion(runs: dict, fit: dict | None, probe: dict | None = None) -> list[
                    + versus("reference", ref, "reference read at the step token",
                             dict(vals).get("reference_at_step_token")) + ".")
     sm = runs.get("ablate_segmentation_smollm2")
-    if sm is not None and len(sm):
+    p1 = stat(sm, "pass@1") if sm is not None and len(sm) else None
+    if p1 is not None and p1["mean"] == 0:
+        bullet(f"**Segmentation on SmolLM2-135M**: every sampled trajectory is wrong (pass@1 "
+               f"{fmt(p1)} over {_p(sm, 'n_test')} test problems), so AUROC is undefined and "
+               f"this spec says nothing about segmentation yet: SmolLM2 does not follow the "
+               f"raw arith prompt (it needs a prompt format it follows).")
+    elif sm is not None and len(sm):
         bullet("**Segmentation on SmolLM2-135M** (where '.\\n\\n' is not one token): "
                + versus("reference", stat(sm, "auroc", "reference"), "paragraph",
                         stat(sm, "auroc", "paragraph")) + "; "
