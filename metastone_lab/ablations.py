@@ -6,8 +6,8 @@
     python -m metastone_lab.ablations --with-smollm2  # also the (slow) SmolLM2 segmentation spec
     python -m metastone_lab.ablations --only probe    # only the representation probe
 
-Specs run in :data:`SPECS` order, then the representation probe
-(:mod:`metastone_lab.probe`, step ``probe``) (``experiments/<name>.yaml``), each through
+Specs run in :data:`SPECS` order (``experiments/<name>.yaml``), then the
+representation probe (:mod:`metastone_lab.probe`, step ``probe``). Each spec runs through
 :func:`runner.run_spec` (one MLflow child run per point x seed). Points that
 share a backbone, training and evaluation config reuse the scored trajectories
 from the rollout cache (``cache_dir`` in the specs), so order matters: the

@@ -135,6 +135,7 @@ def collect(model, tokenizer, task, split: str, n: int, cfg: ProbeConfig,
     feats: list[list[torch.Tensor]] = []
     step_label, outcome, traj_of_step = [], [], []
     correct, group, logprob = [], [], []
+    dev = next(backbone.parameters()).device
     was_training = backbone.training
     backbone.eval()
     try:
@@ -147,7 +148,6 @@ def collect(model, tokenizer, task, split: str, n: int, cfg: ProbeConfig,
             for i, s in enumerate(seqs):
                 ids[i, :len(s)] = torch.tensor(s)
                 attn[i, :len(s)] = 1
-            dev = next(backbone.parameters()).device
             out = backbone(input_ids=ids.to(dev), attention_mask=attn.to(dev),
                            output_hidden_states=True)
             hs = [h.float().cpu() for h in out.hidden_states]
