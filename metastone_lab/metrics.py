@@ -70,7 +70,8 @@ def auroc(scores: Sequence[float], labels: Sequence[bool | int]) -> float:
 
 
 # ------------------------------------------------- ranking within a problem
-def _group_aurocs(scores, labels, groups) -> list[float]:
+def per_group_auroc(scores, labels, groups) -> list[float]:
+    """AUROC among each group's items (ties 1/2), for groups holding both classes."""
     by: dict[Any, tuple[list, list]] = {}
     for s, y, g in zip(scores, labels, groups):
         by.setdefault(g, ([], []))[0 if y else 1].append(float(s))
@@ -82,7 +83,8 @@ def _group_aurocs(scores, labels, groups) -> list[float]:
     return vals
 
 
-def _group_best(scores, labels, groups) -> list[float]:
+def per_group_best(scores, labels, groups) -> list[float]:
+    """Per group: 1.0 if its highest-scored item (first on ties) is positive, else 0.0."""
     best: dict[Any, tuple[float, bool]] = {}
     for s, y, g in zip(scores, labels, groups):
         if g not in best or float(s) > best[g][0]:
@@ -94,14 +96,14 @@ def within_group_auroc(scores: Sequence[float], labels: Sequence[bool | int],
                        groups: Sequence[Any]) -> tuple[float, int]:
     """Mean over groups of the AUROC among that group's items (ties count 1/2),
     over the groups that hold both classes. Returns (value or nan, n groups)."""
-    vals = _group_aurocs(scores, labels, groups)
+    vals = per_group_auroc(scores, labels, groups)
     return (float(np.mean(vals)) if vals else float("nan")), len(vals)
 
 
 def best_of_group(scores: Sequence[float], labels: Sequence[bool | int],
                   groups: Sequence[Any]) -> float:
     """Accuracy of picking each group's highest-scored item (first on ties)."""
-    vals = _group_best(scores, labels, groups)
+    vals = per_group_best(scores, labels, groups)
     return float(np.mean(vals)) if vals else float("nan")
 
 

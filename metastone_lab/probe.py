@@ -184,18 +184,20 @@ def collect(model, tokenizer, task, split: str, n: int, cfg: ProbeConfig,
 
 
 def _trajectory_scores(step_p: np.ndarray, r: _Rollouts) -> np.ndarray:
-    """Geometric mean of step probabilities per trajectory (zero-step rows score 0)."""
-    logs = np.zeros(len(r.traj_correct))
-    counts = np.zeros(len(r.traj_correct))
-    np.add.at(logs, r.traj_of_step, np.log(np.clip(step_p, 1e-6, 1.0)))
-    np.add.at(counts, r.traj_of_step, 1)
-    return np.where(counts > 0, np.exp(logs / np.maximum(counts, 1)), 0.0)
+    """Per trajectory (T,): the reference ``geometric`` aggregate of its step
+    probabilities (:func:`scoring.aggregate_scores`; zero-step rows score 0)."""
+    from .scoring import aggregate_scores
+
+    per_traj: list[list[float]] = [[] for _ in r.traj_correct]
+    for ti, p in zip(r.traj_of_step, step_p):
+        per_traj[ti].append(float(p))
+    return np.asarray([aggregate_scores(ps, "geometric") for ps in per_traj])
 
 
 def _row(feature: str, labels: str, traj_scores: np.ndarray, te: _Rollouts,
          step_p: np.ndarray | None) -> dict:
     """One table row; CIs (95 %) resample test problems (1000 bootstrap draws)."""
-    from .metrics import _group_aurocs, _group_best, auroc, bootstrap_ci
+    from .metrics import auroc, bootstrap_ci, per_group_auroc, per_group_best
 
     known = te.step_label >= 0
     step_auc = float("nan")
@@ -203,8 +205,8 @@ def _row(feature: str, labels: str, traj_scores: np.ndarray, te: _Rollouts,
         step_auc = auroc(step_p[known], te.step_label[known])
     traj_auc = auroc(traj_scores, te.traj_correct) if len(set(te.traj_correct)) == 2 \
         else float("nan")
-    within = _group_aurocs(traj_scores, te.traj_correct, te.traj_group)
-    best = _group_best(traj_scores, te.traj_correct, te.traj_group)
+    within = per_group_auroc(traj_scores, te.traj_correct, te.traj_group)
+    best = per_group_best(traj_scores, te.traj_correct, te.traj_group)
     w_lo, w_hi = bootstrap_ci(within)
     b_lo, b_hi = bootstrap_ci(best)
     return {"feature": feature, "labels": labels, "step_auroc": step_auc,
@@ -294,20 +296,13 @@ def run_and_log(backbone: str = "tiny", cfg: ProbeConfig | None = None, *,
     """Build/load ``backbone``, run the probe, log it to the MLflow experiment
     ``probe`` (params, flat metrics, the table as ``probe.json``). Returns the frame."""
     from . import tracking
-    from .backbones import load_backbone
-    from .config import to_dict
+    from .config import from_dict, to_dict
+    from .study import StudyConfig, prepare_backbone
     from .tasks import get_task
 
     cfg = cfg or ProbeConfig()
-    if backbone_options:
-        from .config import from_dict
-        from .study import StudyConfig, backbone_config
-
-        bcfg = backbone_config(from_dict(StudyConfig, {"backbone": backbone,
-                                                       "backbone_options": backbone_options}))
-        model, tok = load_backbone(backbone, config=bcfg)
-    else:
-        model, tok = load_backbone(backbone)
+    model, tok = prepare_backbone(from_dict(StudyConfig, {
+        "backbone": backbone, "backbone_options": dict(backbone_options or {})}))
     torch.manual_seed(cfg.seed)
     frame = run_probe(model, tok, get_task(task), cfg)
     log(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
