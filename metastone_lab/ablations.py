@@ -179,7 +179,11 @@ def run_all(names: list[str], *, micro: bool = False, dry_run: bool = False,
         uri = tracking_uri or tracking.resolve_tracking_uri(root)
         try:
             t = tracking.Tracker(uri)
-            with t.run(TIMING_EXPERIMENT, run_name="micro" if micro else "full",
+            # "full" only when every default step ran: a partial run (--only) must not
+            # stand in for the whole study's time in the report
+            kind = "micro" if micro else ("full" if set(SPECS + [PROBE_STEP]) <= set(names)
+                                          else "partial")
+            with t.run(TIMING_EXPERIMENT, run_name=kind,
                        params={"specs": ",".join(names), "micro": micro, "cores": cores}):
                 m = {"total_wall_s": wall, "total_cpu_s": cpu,
                      "cpu_share": out["cpu_share"] or 0.0, "loadavg_start": load0,

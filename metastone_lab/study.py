@@ -40,6 +40,9 @@ class StudyConfig:
     backbone: str = "tiny"
     task: str = "arith"
     task_options: dict = field(default_factory=dict)
+    #: how problems are shown to the backbone (tasks.prompts.PromptFormat keys):
+    #: {} = the task's own prompt; {style: chat, shots: 2} for an instruction model
+    prompt_format: dict = field(default_factory=dict)
     train_mode: Literal["head_only", "joint", "separate_prm", "none"] = "head_only"
     train_steps: int = 40
     # Named deviation from the reference (0 = reference): the head's first steps are
@@ -81,7 +84,9 @@ class StudyConfig:
                                     f"got {self.temperature}")
         check(self.max_new_tokens >= 1, "StudyConfig.max_new_tokens must be >= 1")
         from . import scoring, steps, tasks
+        from .tasks.prompts import PromptFormat
 
+        from_dict(PromptFormat, self.prompt_format, where="StudyConfig.prompt_format")
         steps.SEGMENTERS.get(self.segmenter)
         scoring.AGGREGATORS.get(self.aggregator)
         tasks.TASKS.get(self.task)
@@ -92,6 +97,7 @@ class StudyConfig:
 
         base = dict(mode=self.train_mode if self.train_mode != "none" else "head_only",
                     backbone=self.backbone, task=self.task, task_options=self.task_options,
+                    prompt_format=dict(self.prompt_format),
                     steps=self.train_steps, temperature=self.temperature,
                     filter_warmup_steps=self.filter_warmup_steps,
                     max_new_tokens=self.max_new_tokens, segmenter=self.segmenter,
@@ -278,7 +284,10 @@ def evaluate_tts(cfg: StudyConfig, trained: Trained | Any, tokenizer, *, task=No
 
     model = trained.model if isinstance(trained, Trained) else trained
     scorer = trained.scorer if isinstance(trained, Trained) else None
-    task = task or get_task(cfg.task, **cfg.task_options)
+    from .tasks.prompts import apply_prompt_format
+
+    task = apply_prompt_format(task or get_task(cfg.task, **cfg.task_options), tokenizer,
+                               cfg.prompt_format)
     t0 = time.perf_counter()
     test_problems = task.problems(split or cfg.eval_split, cfg.n_test)
     test = generate_best_of_n(model, tokenizer, test_problems, task, cfg.generate_config(cfg.k_max))
@@ -388,10 +397,15 @@ def cache_content(cfg: StudyConfig) -> dict[str, Any]:
         bcfg = TinyBackboneConfig.micro()
     study_fields = {k: v for k, v in to_dict(cfg).items()
                     if k not in READ_ONLY_FIELDS and k != "train"}
+    # the default (task's own prompt) leaves the key of entries written before
+    # prompt_format existed unchanged
+    if not cfg.prompt_format:
+        study_fields.pop("prompt_format")
     # segmenter_options / read_at are in study_fields already (the train copy would only
     # change the key of every entry written before TrainConfig had them)
     train = {k: v for k, v in cfg.train_config().to_dict().items()
-             if k not in ("output_dir", "resume", "aggregator", "segmenter_options", "read_at")}
+             if k not in ("output_dir", "resume", "aggregator", "segmenter_options", "read_at",
+                          "prompt_format")}
     return {"backbone": {"spec": cfg.backbone, "config": bcfg.key() if bcfg else None},
             "study": study_fields, "train": train}
 

@@ -113,7 +113,8 @@ def test_cache_key_ignores_aggregator_but_not_what_produces_rollouts():
     base = key()
     assert key(aggregator="min") == base == key(output_dir="elsewhere", cache_dir="x")
     for change in ({"seed": 1}, {"segmenter": "sentence"}, {"train": {"loss": "bce_all_steps"}},
-                   {"eval_split": "ood"}, {"k_max": 8}, {"backbone_options": {"hidden_size": 16}}):
+                   {"eval_split": "ood"}, {"k_max": 8}, {"backbone_options": {"hidden_size": 16}},
+                   {"prompt_format": {"style": "chat", "shots": 2}}):
         assert key(**change) != base, change
 
 

@@ -34,6 +34,9 @@ class TrainConfig:
     backbone: str = "tiny"
     task: str = "arith"
     task_options: dict[str, Any] = field(default_factory=dict)
+    # how problems are shown to the backbone (tasks.prompts.PromptFormat keys, e.g.
+    # {"style": "chat", "shots": 2} for an instruction model); {} = the task's own prompt
+    prompt_format: dict[str, Any] = field(default_factory=dict)
     # rollouts
     n: int = 8                      # group size (trajectories per prompt)
     prompts_per_step: int = 4
@@ -92,6 +95,10 @@ class TrainConfig:
     device: str = "auto"            # auto | cpu | cuda
 
     def __post_init__(self) -> None:
+        from ..config import from_dict
+        from ..tasks.prompts import PromptFormat
+
+        from_dict(PromptFormat, self.prompt_format, where="TrainConfig.prompt_format")
         check(self.n >= 2, f"TrainConfig.n={self.n}: GRPO needs a group of at least 2 "
                            f"trajectories per prompt to normalise advantages; set n >= 2 (default 8)")
         check(self.prompts_per_step >= 1, f"TrainConfig.prompts_per_step must be >= 1, got "

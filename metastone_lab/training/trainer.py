@@ -116,6 +116,7 @@ class Trainer:
 
         from ..sprm import ReflectiveModel
         from ..tasks import get_task
+        from ..tasks.prompts import apply_prompt_format
 
         cfg.validate_names()
         self.cfg = cfg
@@ -132,7 +133,9 @@ class Trainer:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
-        self.task = task if task is not None else get_task(cfg.task, **cfg.task_options)
+        self.task = apply_prompt_format(
+            task if task is not None else get_task(cfg.task, **cfg.task_options),
+            tokenizer, cfg.prompt_format)
         model.config.use_cache = False
         base_for_prm = copy.deepcopy(model) if cfg.mode == "separate_prm" else None
         for p in model.parameters():
