@@ -178,6 +178,27 @@ def test_micro_ablations_and_report(tmp_path, monkeypatch):
     assert "Not in this store" in text and "ablate_loss" in text  # missing families said so
 
 
+def test_timing_section_keeps_the_full_run_and_lists_a_later_optional_spec(tmp_path):
+    """A later ``--only`` run (named "partial") must not replace the full study's
+    time; an optional spec timed in it is listed apart, outside the total."""
+    from metastone_lab import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t = tracking.Tracker(uri)
+    with t.run(ablations.TIMING_EXPERIMENT, run_name="full", params={"cores": 2}):
+        t.log_metrics({"total_wall_s": 3000.0, "total_cpu_s": 5400.0, "cpu_share": 0.9,
+                       "loadavg_start": 0.1, "loadavg_end": 2.0, "wall_s.ablate_loss": 700.0,
+                       "points.ablate_loss": 21}, step=0)
+    with t.run(ablations.TIMING_EXPERIMENT, run_name="partial", params={"cores": 2}):
+        t.log_metrics({"total_wall_s": 1500.0, "total_cpu_s": 2800.0, "cpu_share": 0.9,
+                       "loadavg_start": 0.1, "loadavg_end": 2.0,
+                       "wall_s.ablate_segmentation_smollm2": 1490.0,
+                       "points.ablate_segmentation_smollm2": 9}, step=0)
+    text = "\n".join(report._timing_section(uri, {}))
+    assert "**50.0 min wall**" in text and "| ablate_loss | 21 | 700 |" in text
+    assert "| ablate_segmentation_smollm2 (optional; separate run" in text and "| 9 | 1490 |" in text
+
+
 def test_segmentation_options_and_read_at_reach_training():
     """The head must be trained on the positions it is evaluated on: a fixed/regex
     rule's options and read_at go into the TrainConfig (they failed / mismatched before)."""
