@@ -424,6 +424,7 @@ def _timing_section(uri: str | None, fam_runs: dict) -> list[str]:
         # optional specs timed in a separate (partial) run after it
         later = t[(t["run_name"] == "partial") & (t["start_time"] > r["start_time"])] \
             if "run_name" in t and "start_time" in t else t.iloc[0:0]
+        extra_s = 0.0
         for s in OPTIONAL_SPECS:
             if pd.notna(r.get(f"metrics.wall_s.{s}", float("nan"))):
                 continue
@@ -433,8 +434,12 @@ def _timing_section(uri: str | None, fam_runs: dict) -> list[str]:
                     out.append(f"| {s} (optional; separate run {pr['run_id'][:8]}, not in the "
                                f"total above) | {pr.get(f'metrics.points.{s}', float('nan')):.0f} "
                                f"| {w:.0f} |")
+                    extra_s += float(w)
                     break
         out.append("")
+        if extra_s:
+            out += [f"With the optional spec(s) timed separately: **{(tot + extra_s) / 60:.1f} min "
+                    f"wall** for the whole set ({tot / 60:.1f} + {extra_s / 60:.1f}).", ""]
     else:
         out += ["No timing run of `make ablations` in this store.", ""]
     rows, total, extra = [], 0.0, 0
@@ -812,7 +817,13 @@ def discussion(runs: dict, fit: dict | None, probe: dict | None = None) -> list[
                + versus("reference", stat(sm, "auroc", "reference"), "paragraph",
                         stat(sm, "auroc", "paragraph"))
                + f" (AUROC; pass@1 {fmt(stat(sm, 'pass@1'))}, "
-                 f"{_p(sm, 'n_test')} test problems, so CIs are wide).")
+                 f"{_p(sm, 'n_test')} test problems, so CIs are wide)."
+               + (" Both CIs include 0.5 (chance): the head did not learn at this scale, so "
+                  "the spec shows the pipeline runs on a real LLM with a misfiring rule but "
+                  "does not separate the rules." if all(
+                      a is not None and a["lo"] <= 0.5 <= a["hi"]
+                      for a in (stat(sm, "auroc", "reference"), stat(sm, "auroc", "paragraph")))
+                  else ""))
     if len(rep):
         pen, last, mid = (stat(rep, "auroc", v) for v in ("layer_penultimate_width_x1",
                                                           "layer_last", "layer_middle"))

@@ -197,6 +197,7 @@ def test_timing_section_keeps_the_full_run_and_lists_a_later_optional_spec(tmp_p
     text = "\n".join(report._timing_section(uri, {}))
     assert "**50.0 min wall**" in text and "| ablate_loss | 21 | 700 |" in text
     assert "| ablate_segmentation_smollm2 (optional; separate run" in text and "| 9 | 1490 |" in text
+    assert "**74.8 min wall** for the whole set (50.0 + 24.8)" in text
 
 
 def test_segmentation_options_and_read_at_reach_training():
