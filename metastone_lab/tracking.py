@@ -729,6 +729,28 @@ def notebook_tracker(mlflow_run_id: str | None, tracking_uri: str | None = None,
     return t
 
 
+@contextlib.contextmanager
+def _scoped_tracking_uri(uri: str):
+    """Point mlflow's fluent API (``search_runs``) at ``uri`` for the block, then
+    restore the caller's global URI *and* ``MLFLOW_TRACKING_URI`` (which
+    ``mlflow.set_tracking_uri`` also overwrites): reading a store must not
+    redirect the caller's later mlflow calls to it."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as _uri_state
+
+    old_uri = getattr(_uri_state, "_tracking_uri", None)
+    old_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_uri)  # None: back to "unset" (mlflow then drops the env var)
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
+
+
 def runs_frame(experiment: str, tracking_uri: str | None = None, *, children_only: bool = True,
                status: str | None = "FINISHED"):
     """All runs of ``experiment`` as a pandas DataFrame (``search_runs``).
@@ -745,9 +767,9 @@ def runs_frame(experiment: str, tracking_uri: str | None = None, *, children_onl
     import mlflow
 
     try:
-        mlflow.set_tracking_uri(uri)
-        frame = mlflow.search_runs(experiment_names=[experiment], output_format="pandas",
-                                   max_results=50000)
+        with _scoped_tracking_uri(uri):
+            frame = mlflow.search_runs(experiment_names=[experiment], output_format="pandas",
+                                       max_results=50000)
     except Exception as e:
         raise TrackingError(f"tracking store {uri}: search_runs({experiment!r}) failed: {e}. "
                             f"{_fix_hint(uri)}") from e

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -207,3 +208,26 @@ def test_notebook_tracker_interactive_owns_its_run(mlflow_sqlite):
     assert run.info.status == "FINISHED"
     assert run.data.params == {"k": "4"} and run.data.metrics == {"acc": 0.25}
     assert run.data.tags[tracking.TAG_NOTEBOOK] == "quickstart.ipynb"
+
+
+def test_reading_a_store_does_not_redirect_later_mlflow_calls(tmp_path, monkeypatch):
+    """runs_frame (the report's reader) must leave mlflow's global tracking URI and
+    MLFLOW_TRACKING_URI as it found them (it once leaked them into later calls)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as uri_state
+
+    from metastone_lab import tracking
+
+    mine = f"sqlite:///{tmp_path / 'mine.db'}"
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mine)
+    monkeypatch.setattr(uri_state, "_tracking_uri", None)
+    tracking.runs_frame("anything", other)
+    assert os.environ["MLFLOW_TRACKING_URI"] == mine and mlflow.get_tracking_uri() == mine
+    mlflow.set_tracking_uri(mine)
+    tracking.runs_frame("anything", other)
+    assert mlflow.get_tracking_uri() == mine
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(None)
+    tracking.runs_frame("anything", other)
+    assert "MLFLOW_TRACKING_URI" not in os.environ and uri_state._tracking_uri is None
