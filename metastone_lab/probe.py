@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -67,8 +67,15 @@ class ProbeConfig:
     l2: float = 1e-3
     max_iter: int = 200
     seed: int = 0
+    #: how problems are shown (tasks.prompts.PromptFormat keys; {} = the task's prompt),
+    #: e.g. {"style": "chat", "shots": 2} for SmolLM2
+    prompt_format: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from .config import from_dict
+        from .tasks.prompts import PromptFormat
+
+        from_dict(PromptFormat, self.prompt_format, where="ProbeConfig.prompt_format")
         check(self.n_train >= 1, f"ProbeConfig.n_train must be >= 1, got {self.n_train}")
         check(self.n_test >= 1, f"ProbeConfig.n_test must be >= 1, got {self.n_test}")
         check(self.k >= 2, f"ProbeConfig.k must be >= 2 (within-problem ranking needs "
@@ -299,12 +306,13 @@ def run_and_log(backbone: str = "tiny", cfg: ProbeConfig | None = None, *,
     from .config import from_dict, to_dict
     from .study import StudyConfig, prepare_backbone
     from .tasks import get_task
+    from .tasks.prompts import apply_prompt_format
 
     cfg = cfg or ProbeConfig()
     model, tok = prepare_backbone(from_dict(StudyConfig, {
         "backbone": backbone, "backbone_options": dict(backbone_options or {})}))
     torch.manual_seed(cfg.seed)
-    frame = run_probe(model, tok, get_task(task), cfg)
+    frame = run_probe(model, tok, apply_prompt_format(get_task(task), tok, cfg.prompt_format), cfg)
     log(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     t = tracking.Tracker(tracking_uri)
     with t.run(PROBE_EXPERIMENT, run_name=f"probe-{backbone}",
@@ -323,10 +331,15 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=ProbeConfig.k)
     ap.add_argument("--max-new-tokens", type=int, default=ProbeConfig.max_new_tokens)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompt-style", default="plain",
+                    help="plain | chat (the tokenizer's chat template; for instruction models)")
+    ap.add_argument("--shots", type=int, default=0, help="worked train examples shown first")
     ap.add_argument("--tracking-uri", default=None)
     a = ap.parse_args(argv)
+    fmt = {} if (a.prompt_style, a.shots) == ("plain", 0) else \
+        {"style": a.prompt_style, "shots": a.shots}
     cfg = ProbeConfig(n_train=a.n_train, n_test=a.n_test, k=a.k,
-                      max_new_tokens=a.max_new_tokens, seed=a.seed)
+                      max_new_tokens=a.max_new_tokens, seed=a.seed, prompt_format=fmt)
     run_and_log(a.backbone, cfg, task=a.task, tracking_uri=a.tracking_uri)
     return 0
 

@@ -48,12 +48,19 @@ def test_probe_config_validation():
         probe.ProbeConfig(k=1)
     with pytest.raises(ConfigError, match="temperature must be > 0"):
         probe.ProbeConfig(temperature=0.0)
+    with pytest.raises(ConfigError, match="ProbeConfig.prompt_format"):
+        probe.ProbeConfig(prompt_format={"shot": 1})
+    with pytest.raises(ConfigError, match="unknown prompt style 'fewshot'"):
+        probe.ProbeConfig(prompt_format={"style": "fewshot"})
 
 
 def test_probe_end_to_end_on_micro(mlflow_sqlite):
     import mlflow
 
-    cfg = probe.ProbeConfig(n_train=6, n_test=4, k=4, max_new_tokens=40, layers=(-2, -1))
+    # one worked example in every prompt (the default, unformatted path runs in the
+    # micro ablation test's probe step)
+    cfg = probe.ProbeConfig(n_train=6, n_test=4, k=4, max_new_tokens=40, layers=(-2, -1),
+                            prompt_format={"shots": 1})
     frame = probe.run_and_log("micro", cfg, log=lambda s: None)
     assert list(frame.columns) == probe.COLUMNS
     feats = set(frame.feature)
