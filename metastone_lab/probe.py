@@ -72,10 +72,9 @@ class ProbeConfig:
     prompt_format: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .config import from_dict
-        from .tasks.prompts import PromptFormat
+        from .tasks.prompts import parse_prompt_format
 
-        from_dict(PromptFormat, self.prompt_format, where="ProbeConfig.prompt_format")
+        parse_prompt_format(self.prompt_format, where="ProbeConfig.prompt_format")
         check(self.n_train >= 1, f"ProbeConfig.n_train must be >= 1, got {self.n_train}")
         check(self.n_test >= 1, f"ProbeConfig.n_test must be >= 1, got {self.n_test}")
         check(self.k >= 2, f"ProbeConfig.k must be >= 2 (within-problem ranking needs "

@@ -84,9 +84,9 @@ class StudyConfig:
                                     f"got {self.temperature}")
         check(self.max_new_tokens >= 1, "StudyConfig.max_new_tokens must be >= 1")
         from . import scoring, steps, tasks
-        from .tasks.prompts import PromptFormat
+        from .tasks.prompts import parse_prompt_format
 
-        from_dict(PromptFormat, self.prompt_format, where="StudyConfig.prompt_format")
+        parse_prompt_format(self.prompt_format, where="StudyConfig.prompt_format")
         steps.SEGMENTERS.get(self.segmenter)
         scoring.AGGREGATORS.get(self.aggregator)
         tasks.TASKS.get(self.task)

@@ -48,6 +48,11 @@ def test_plain_shots_prepend_worked_train_examples(tok):
     ids = [p.id for p in wrapped.problems("train", 3)]
     assert ids == [p.id for p in task.problems("train", 5)[2:]]
     assert wrapped.default_size("train") == task.default_size("train") - 2
+    # formats never stack: re-formatting a formatted task starts from the raw problems
+    again = apply_prompt_format(wrapped, tok, {"shots": 1})
+    assert again.problems("test", 1)[0].prompt == \
+        f"{train[0].prompt}{train[0].solution}\n\n{task.problems('test', 1)[0].prompt}"
+    assert apply_prompt_format(wrapped, tok, {}) is task
 
 
 def test_chat_format(tmp_path):

@@ -136,11 +136,21 @@ class PromptedTask(Task):
         return self.inner.split_steps(text)
 
 
+def parse_prompt_format(options: PromptFormat | Mapping[str, Any] | None,
+                        where: str = "prompt_format") -> PromptFormat:
+    """A :class:`PromptFormat` from itself or its dict; unknown keys, wrong types
+    and unknown styles raise ConfigError naming ``where`` (configs call this in
+    ``__post_init__`` so a bad format fails on load)."""
+    if isinstance(options, PromptFormat):
+        return options
+    return from_dict(PromptFormat, dict(options or {}), where=where)
+
+
 def apply_prompt_format(task: Task, tokenizer: Any,
                         options: PromptFormat | Mapping[str, Any] | None) -> Task:
     """``task`` itself for the identity format (plain, no shots), else a
-    :class:`PromptedTask`. ``options``: a :class:`PromptFormat` or its dict
-    (unknown keys / wrong types raise ConfigError)."""
-    fmt = options if isinstance(options, PromptFormat) else \
-        from_dict(PromptFormat, dict(options or {}), where="prompt_format")
-    return task if fmt.is_identity else PromptedTask(task, fmt, tokenizer)
+    :class:`PromptedTask`. A task that is already formatted is re-formatted from
+    its unformatted problems (formats never stack)."""
+    fmt = parse_prompt_format(options)
+    base = task.inner if isinstance(task, PromptedTask) else task
+    return base if fmt.is_identity else PromptedTask(base, fmt, tokenizer)

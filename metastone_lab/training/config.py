@@ -95,10 +95,9 @@ class TrainConfig:
     device: str = "auto"            # auto | cpu | cuda
 
     def __post_init__(self) -> None:
-        from ..config import from_dict
-        from ..tasks.prompts import PromptFormat
+        from ..tasks.prompts import parse_prompt_format
 
-        from_dict(PromptFormat, self.prompt_format, where="TrainConfig.prompt_format")
+        parse_prompt_format(self.prompt_format, where="TrainConfig.prompt_format")
         check(self.n >= 2, f"TrainConfig.n={self.n}: GRPO needs a group of at least 2 "
                            f"trajectories per prompt to normalise advantages; set n >= 2 (default 8)")
         check(self.prompts_per_step >= 1, f"TrainConfig.prompts_per_step must be >= 1, got "
