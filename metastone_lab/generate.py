@@ -236,6 +236,18 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
 
+def pad_right(sequences: Sequence[Sequence[int]], pad_id: int, device: Any = None):
+    """Right-pad token id lists into a batch: ``(ids, attention_mask, lens)`` with
+    ``ids`` and ``attention_mask`` (B, L) long (1 on real tokens), ``lens`` (B,)."""
+    lens = torch.tensor([len(s) for s in sequences], device=device)
+    L = int(lens.max())
+    ids = torch.full((len(sequences), L), pad_id, dtype=torch.long, device=device)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.tensor(list(s), dtype=torch.long)
+    attn = (torch.arange(L, device=device)[None, :] < lens[:, None]).long()
+    return ids, attn, lens
+
+
 def _cache_kw(backbone: Any) -> str:
     """Name of the KV-cache argument: ``cache`` (transformers >= 5.2x) or the older
     ``past_key_values`` (inspected on the base model, through a peft wrapper)."""
@@ -565,12 +577,7 @@ def reforward_scores(model: Any, tokenizer: Any, sequences: Sequence[Sequence[in
     try:
         for b in range(0, len(sequences), batch_size):
             batch = [list(s) for s in sequences[b:b + batch_size]]
-            lens = torch.tensor([len(s) for s in batch], device=device)
-            L = int(lens.max())
-            ids = torch.full((len(batch), L), pad_id, dtype=torch.long, device=device)
-            for i, s in enumerate(batch):
-                ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-            attn = (torch.arange(L, device=device)[None, :] < lens[:, None]).long()
+            ids, attn, lens = pad_right(batch, pad_id, device)
             res = model(ids, attention_mask=attn)
             plen = None
             if prompt_lens is not None:
@@ -717,5 +724,5 @@ def generate_best_of_n_vllm(model: Any, tokenizer: Any, problems: Sequence[Any],
 __all__ = [
     "GenerateConfig", "Trajectory", "ProblemSamples", "generate_best_of_n", "reforward_scores",
     "evaluate", "sample_next", "decode_chunks", "BACKENDS", "generate_best_of_n_vllm",
-    "DEFAULT_EFFORT_MAP",
+    "DEFAULT_EFFORT_MAP", "pad_right",
 ]

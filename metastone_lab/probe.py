@@ -129,7 +129,7 @@ def collect(model, tokenizer, task, split: str, n: int, cfg: ProbeConfig,
             seed_offset: int = 0) -> _Rollouts:
     """Sample ``cfg.k`` trajectories for ``n`` problems of ``split`` and read every
     hidden layer at their step positions (one re-forward per problem)."""
-    from .generate import GenerateConfig, encode_prompt, generate_best_of_n
+    from .generate import GenerateConfig, encode_prompt, generate_best_of_n, pad_right
     from .sprm import ReflectiveModel
 
     rm = model if hasattr(model, "head_logits_from_hidden") else ReflectiveModel(model)
@@ -148,12 +148,7 @@ def collect(model, tokenizer, task, split: str, n: int, cfg: ProbeConfig,
         for pi, ps in enumerate(samples):
             prompt = encode_prompt(tokenizer, ps.problem.prompt)
             seqs = [prompt + list(t.token_ids) for t in ps.trajectories]
-            L = max(len(s) for s in seqs)
-            ids = torch.zeros(len(seqs), L, dtype=torch.long)
-            attn = torch.zeros_like(ids)
-            for i, s in enumerate(seqs):
-                ids[i, :len(s)] = torch.tensor(s)
-                attn[i, :len(s)] = 1
+            ids, attn, _ = pad_right(seqs, pad_id=0)  # padding is masked and never read
             out = backbone(input_ids=ids.to(dev), attention_mask=attn.to(dev),
                            output_hidden_states=True)
             hs = [h.float().cpu() for h in out.hidden_states]
