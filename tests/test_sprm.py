@@ -1,9 +1,16 @@
 """SPRM head files, the reflective model (one forward), feature gradient scaling."""
 import pickle
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _tolerance import (  # noqa: E402
+    assert_within_rounding, exceeds_rounding, head_terms, llama_layer_terms as _layer_terms,
+)
 
 from metastone_lab.errors import CheckpointError, ConfigError, ShapeError
 from metastone_lab.sprm import (
@@ -26,6 +33,10 @@ def tiny_llama(seed: int = 0, layers: int = 2):
 @pytest.fixture(scope="module")
 def llama():
     return tiny_llama()
+
+
+def _head_terms(width: int) -> int:
+    return head_terms(C, width)
 
 
 # ------------------------------------------------------------------- head
@@ -65,12 +76,13 @@ def test_loads_exact_reference_format(tmp_path):
     torch.save(ref.state_dict(), tmp_path / "score_module.pt")
     head = load_score_module(tmp_path / "score_module.pt", C)
     x = torch.randn(3, C)
-    assert torch.allclose(head(x), ref.eval()(x).squeeze(-1))
+    # same weights, same ops: equal up to the head's own rounding (tests/_tolerance.py)
+    assert_within_rounding(head(x), ref.eval()(x).squeeze(-1), _head_terms(2 * C))
     # and ours loads into the reference module
     save_score_module(head, tmp_path / "ours.pt")
     ref2 = nn.Sequential(nn.Linear(C, 2 * C), nn.ReLU(), nn.Dropout(p=0.5), nn.Linear(2 * C, 1))
     ref2.load_state_dict(torch.load(tmp_path / "ours.pt", weights_only=True))
-    assert torch.allclose(ref2.eval()(x).squeeze(-1), head(x))
+    assert_within_rounding(ref2.eval()(x).squeeze(-1), head(x), _head_terms(2 * C))
 
 
 class Evil:
@@ -124,11 +136,18 @@ def test_forward_runs_backbone_once(llama):
     # features are hidden_states[-2]; step logits are the head on them
     with torch.no_grad():
         ref = llama(ids, output_hidden_states=True)
-        assert torch.allclose(out.features, ref.hidden_states[-2], atol=1e-6)
+        # two forwards of the same layers (with / without an explicit attention mask):
+        # equal up to the rounding of one decoder layer, then of the head on top
+        # (bound: tests/_tolerance.py)
+        n_layer = _layer_terms(llama.config, 7)
+        assert_within_rounding(out.features, ref.hidden_states[-2], n_layer, what="features")
         rm.eval()
         out2 = rm(ids)
-        assert torch.allclose(out2.step_logits, rm.head(ref.hidden_states[-2]), atol=1e-5)
-        assert torch.allclose(rm.head_logits_from_hidden(ref.hidden_states), out2.step_logits)
+        n_logit = n_layer + _head_terms(2 * C)
+        assert_within_rounding(out2.step_logits, rm.head(ref.hidden_states[-2]), n_logit,
+                               what="step logits")
+        assert_within_rounding(rm.head_logits_from_hidden(ref.hidden_states), out2.step_logits,
+                               n_logit, what="head_logits_from_hidden")
     assert rm.hidden_size == C
 
 
@@ -137,7 +156,9 @@ def test_feature_layer_and_width_checks(llama):
     rm = ReflectiveModel(llama, feature_layer=-1).eval()
     with torch.no_grad():
         hs = llama(ids, output_hidden_states=True).hidden_states
-        assert torch.allclose(rm(ids).features, hs[-1], atol=1e-6)
+        # hs[-1]: both decoder layers and the final RMSNorm (C) (bound: tests/_tolerance.py)
+        n = 2 * _layer_terms(llama.config, 5) + C
+        assert_within_rounding(rm(ids).features, hs[-1], n, what="last-layer features")
     with pytest.raises(ShapeError, match=r"48.*32"):
         ReflectiveModel(llama, head=SPRMHead(48))
     with pytest.raises(ConfigError, match="feature_layer"):
@@ -173,10 +194,22 @@ def test_gradient_scale_is_exactly_1e4():
     g_full, h_full = _backbone_grads(1.0)
     g_ref, h_ref = _backbone_grads(1e-4)
     assert g_full.abs().sum() > 0
-    # ratio 1e-4 up to float32 rounding of f*s + f.detach()*(1-s) (values equal to ~1 ulp)
-    assert torch.allclose(g_ref, g_full * 1e-4, rtol=1e-5, atol=1e-13)
-    assert not torch.allclose(g_ref, g_full * 2e-4, rtol=1e-2, atol=1e-13)
-    assert torch.allclose(h_ref, h_full, rtol=1e-6, atol=1e-8)  # the head learns at full rate
+    # The two backward passes differ only in rounding: g_ref = B(fl(1e-4 * v)) and
+    # g_full * 1e-4 = fl(1e-4 * B(v)), with B the (linear) backward through the one
+    # decoder layer under hidden_states[-2] and v the head's input gradient (the head's
+    # input gradient does not depend on its input values, which differ by an ulp).
+    # Bound: 2 x n x eps32 x max|g| (tests/_tolerance.py), n = the head's reduction,
+    # one layer's reductions, and the two multiplications by 1e-4.
+    cfg = tiny_llama(5).config
+    n = _head_terms(2 * C) + _layer_terms(cfg, 6) + 2
+    assert_within_rounding(g_ref, g_full * 1e-4, n, what="backbone gradient / 1e-4")
+    # ...and a wrong factor is far outside that bound
+    assert exceeds_rounding(g_ref, g_full * 2e-4, n)
+    assert exceeds_rounding(g_ref, g_full * 0.5e-4, n)
+    # The head learns at full rate: its weight gradient sums 6 positions of
+    # (input x upstream grad); the input f*s + f.detach()*(1-s) is f up to 3
+    # roundings (f*s, 1-s, f*(1-s), the sum: 4), so n = 6 + 4 + 1.
+    assert_within_rounding(h_ref, h_full, 6 + 4 + 1, what="head gradient")
 
 
 def test_grad_scale_zero_is_detach_and_values_unchanged():
@@ -189,4 +222,4 @@ def test_grad_scale_zero_is_detach_and_values_unchanged():
     y = scale_grad(f, 0.25)
     assert torch.equal(y, f)
     y.sum().backward()
-    assert torch.allclose(f.grad, torch.full_like(f, 0.25))
+    assert torch.equal(f.grad, torch.full_like(f, 0.25))  # 1 * 0.25 is exact in float32
