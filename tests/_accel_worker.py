@@ -90,10 +90,12 @@ def one_step(trainer, batch) -> dict:
     head_before = {k: v.detach().clone() for k, v in trainer.head.state_dict().items()}
     m = trainer.update(batch)
     grads = {n: p.grad.detach().clone() for n, p in trainer.head.named_parameters()}
-    lora_grad = sum(float(p.grad.abs().sum()) for p in trainer.policy.parameters()
-                    if p.requires_grad and p.grad is not None)
+    lora = [p.grad for p in trainer.policy.parameters() if p.requires_grad and p.grad is not None]
+    lora_grad = sum(float(g.abs().sum()) for g in lora)
     return {"metrics": m, "grads": grads, "head": trainer.head.state_dict(),
-            "head_before": head_before, "lora_grad_abs_sum": lora_grad}
+            "head_before": head_before, "lora_grad_abs_sum": lora_grad,
+            "lora_grad_abs_max": max(float(g.abs().max()) for g in lora),
+            "lora_grad_numel": sum(g.numel() for g in lora)}
 
 
 def main(argv: list[str]) -> int:

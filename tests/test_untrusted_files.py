@@ -139,7 +139,7 @@ def test_head_is_saved_as_safetensors_too(tmp_path):
     from_pt = load_score_module(pt, hidden_size=16)
     x = torch.randn(3, 16)
     assert torch.equal(from_st(x), from_pt(x))
-    assert torch.allclose(from_st(x), head.eval()(x))
+    assert torch.equal(from_st(x), head.eval()(x))  # same weights bit for bit, same ops
     # with the .pt gone (a consumer that only trusts safetensors) the head still loads
     pt.unlink()
     assert torch.equal(load_score_module(st, hidden_size=16)(x), from_pt(x))
@@ -185,8 +185,9 @@ def test_checkpoint_adapter_and_heads_are_safetensors(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # heads from the safetensors twins equal the trained ones
     x = torch.randn(4, 16)
-    assert torch.allclose(load_score_module(ckpt / "score_module.safetensors", 16)(x), head.eval()(x))
-    assert torch.allclose(load_score_module(ckpt / "prm_score_module.safetensors", 16)(x), prm.eval()(x))
+    # same weights bit for bit, same ops: equal
+    assert torch.equal(load_score_module(ckpt / "score_module.safetensors", 16)(x), head.eval()(x))
+    assert torch.equal(load_score_module(ckpt / "prm_score_module.safetensors", 16)(x), prm.eval()(x))
     # every other .pt (optimiser, RNG) is plain tensors/primitives: loads with weights_only=True
     for f in ckpt.glob("*.pt"):
         ck.torch_load(f)
