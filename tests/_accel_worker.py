@@ -55,12 +55,13 @@ def _corrupt(problem, how: int) -> str:
 
 def fixed_batch(tokenizer, task, n_prompts: int = 4, n: int = 4):
     """A deterministic RolloutBatch: per prompt, 2 canonical and n-2 corrupted responses."""
+    from metastone_lab.generate import encode_prompt
     from metastone_lab.training.rollout import pack
 
     probs = task.problems("train", n_prompts)
     prompts, resps, correct, texts, fw = [], [], [], [], []
     for p in probs:
-        pid = tokenizer.encode(p.prompt, add_special_tokens=False)
+        pid = encode_prompt(tokenizer, p.prompt)
         for j in range(n):
             text = p.solution if j < 2 else _corrupt(p, (j - 2) % 3)
             prompts.append(pid)

@@ -19,6 +19,7 @@ from _tolerance import (assert_within_rounding, head_terms, llama_terms,  # noqa
 
 from metastone_lab.config import from_dict  # noqa: E402
 from metastone_lab.errors import ConfigError, UnknownNameError  # noqa: E402
+from metastone_lab.generate import encode_prompt  # noqa: E402
 from metastone_lab.train import TrainConfig, train  # noqa: E402
 from metastone_lab.training.aha import AhaDetector  # noqa: E402
 from metastone_lab.training.grpo import (clipped_surrogate, group_advantages, k3_kl,  # noqa: E402
@@ -180,7 +181,7 @@ def test_separate_prm_has_its_own_backbone_copy_and_head(micro):
 def test_batch_without_steps_gives_zero_spr_and_counts_a_warning(micro):
     t = make_trainer(micro)
     tok = t.tokenizer
-    prompt = tok.encode(t.task.problems("train", 1)[0].prompt, add_special_tokens=False)
+    prompt = encode_prompt(tok, t.task.problems("train", 1)[0].prompt)
     resp = tok.encode("no steps here</think> The answer is 3", add_special_tokens=False)
     b = pack([prompt] * 4, [resp] * 4, [0.0, 1.0, 0.0, 1.0], n=4, pad_id=tok.pad_token_id)
     with pytest.warns(RuntimeWarning, match="no steps"):

@@ -121,8 +121,14 @@ def _log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
 
 
 def _encode(task, tokenizer, split: str) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, solution ids + eos) per problem. Prompts are encoded by
+    ``generate.encode_prompt``, as the trainer and the evaluation engine encode them
+    (for the project tokenizer, which adds no special tokens, the ids are unchanged);
+    solutions are continuations (no special tokens)."""
+    from ..generate import encode_prompt
+
     probs = task.problems(split)
-    prompts = tokenizer([p.prompt for p in probs], add_special_tokens=False)["input_ids"]
+    prompts = [encode_prompt(tokenizer, p.prompt) for p in probs]
     sols = tokenizer([p.solution for p in probs], add_special_tokens=False)["input_ids"]
     return [(p, s + [tokenizer.eos_token_id]) for p, s in zip(prompts, sols)]
 
@@ -221,8 +227,10 @@ def evaluate(model, tokenizer, task, cfg: TinyBackboneConfig) -> dict[str, Any]:
     problems = task.problems(cfg.eval_split, cfg.eval_n)
     if not problems:
         return {}
+    from ..generate import encode_prompt
+
     t0 = time.perf_counter()
-    prompts = tokenizer([p.prompt for p in problems], add_special_tokens=False)["input_ids"]
+    prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
     outs = sample(model, prompts, cfg.eval_k, eos_id=tokenizer.eos_token_id,
                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                   batch_size=cfg.eval_batch, seed=cfg.seed)

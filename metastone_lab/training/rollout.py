@@ -147,10 +147,14 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
 
 def rollout(model: Any, tokenizer: Any, task: Any, problems: Sequence[Any], *, n: int,
             temperature: float, max_new_tokens: int) -> RolloutBatch:
-    """Sample ``n`` trajectories for each problem, judge them, pack a batch."""
+    """Sample ``n`` trajectories for each problem, judge them, pack a batch. Prompts
+    are encoded by :func:`metastone_lab.generate.encode_prompt`, exactly as the
+    evaluation engine feeds them (BOS included for tokenizers that add one)."""
+    from ..generate import encode_prompt
+
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    p_ids = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in problems]
+    p_ids = [encode_prompt(tokenizer, p.prompt) for p in problems]
     rep = [ids for ids in p_ids for _ in range(n)]
     resp = sample(model, rep, temperature=temperature, max_new_tokens=max_new_tokens,
                   eos_id=eos, pad_id=pad)

@@ -284,13 +284,17 @@ class Trainer:
         return b.to(self.device)
 
     def sft_batch(self, step: int) -> RolloutBatch:
-        """Canonical solutions (+ eos) of ``sft_batch_size`` train problems."""
+        """Canonical solutions (+ eos) of ``sft_batch_size`` train problems. The prompt
+        is encoded as rollouts and evaluation encode it (``generate.encode_prompt``);
+        the solution is a continuation (no special tokens)."""
+        from ..generate import encode_prompt
+
         cfg, tok = self.cfg, self.tokenizer
         pool = self.task.problems("train")
         rng = random.Random(f"sft:{cfg.seed}:{step}")
         picks = [pool[rng.randrange(len(pool))] for _ in range(cfg.sft_batch_size * self.world)]
         picks = picks[self.rank::self.world]
-        prompts = [tok.encode(p.prompt, add_special_tokens=False) for p in picks]
+        prompts = [encode_prompt(tok, p.prompt) for p in picks]
         resps = [tok.encode(p.solution, add_special_tokens=False) + [tok.eos_token_id]
                  for p in picks]
         return pack(prompts, resps, [1.0] * len(picks), n=1, pad_id=tok.pad_token_id).to(
