@@ -26,6 +26,13 @@ needs are already computed while decoding:
 :func:`reforward_scores` is the reference method (one forward over each finished
 sequence + step mask); the equivalence test checks both agree within 1e-4.
 
+5. With ``token_stats`` (on whenever ``score`` is) the raw next-token logits
+   that sampled each token also give its training-free self-signals
+   (:func:`token_stats`: log-prob, self-certainty, DeepConf confidence), one
+   log_softmax + topk per step; :func:`trajectory_signals` turns them into the
+   ``Trajectory.signals`` that the ``mean_logprob_*`` / ``self_certainty_*`` /
+   ``deepconf_*`` selectors read, beside the SPRM on the same samples.
+
 Conventions: ``Trajectory.token_ids`` are the generated ids (EOS included when
 emitted); ``step_positions`` index the full sequence ``prompt_ids + token_ids``
 (``prompt_len`` is stored to convert); ``step_scores = sigmoid(logit)``.
@@ -75,6 +82,14 @@ class GenerateConfig:
     the rows are finished, applies the head only where the step mask is True
     (no second forward either way; cheapest); ``"auto"`` = deferred when the
     feature buffer of a chunk fits in ``feature_buffer_mb``, else per_step.
+
+    ``token_stats``: capture per-token self-signals during decoding (log-prob,
+    self-certainty, DeepConf confidence of every sampled token, from the raw
+    logits already at hand; see :func:`token_stats`). ``None`` (default) = on
+    whenever ``score`` is on, so the unscored benchmark baseline stays bare; set
+    True to get them without scoring too. ``deepconf_topk``: k of the DeepConf
+    token confidence (the paper's 20). ``deepconf_window``: its sliding-window
+    group size in tokens (the paper's 2048, scaled to our ~30-60 token responses).
     """
 
     k: int | None = None
@@ -94,6 +109,9 @@ class GenerateConfig:
     ignore_eos: bool = False
     head_mode: str = "auto"
     feature_buffer_mb: float = 256.0
+    token_stats: bool | None = None
+    deepconf_topk: int = 20
+    deepconf_window: int = 16
 
     def __post_init__(self) -> None:
         if self.effort is not None:
@@ -120,6 +138,10 @@ class GenerateConfig:
               f"GenerateConfig.chunk_size must be >= 0 (0 = all k at once), got {self.chunk_size}")
         check(self.head_mode in ("auto", "per_step", "deferred"),
               f"GenerateConfig.head_mode must be auto, per_step or deferred, got {self.head_mode!r}")
+        check(self.deepconf_topk >= 1,
+              f"GenerateConfig.deepconf_topk must be >= 1, got {self.deepconf_topk}")
+        check(self.deepconf_window >= 1,
+              f"GenerateConfig.deepconf_window must be >= 1, got {self.deepconf_window}")
         check(self.span in ("inference", "train"),
               f"GenerateConfig.span must be 'inference' or 'train', got {self.span!r}")
         if self.temperature <= 0 and self.k > 1:
@@ -128,6 +150,11 @@ class GenerateConfig:
                 f"k={self.k} samples are identical; set temperature > 0 (e.g. 0.6) for best-of-N",
                 UserWarning, stacklevel=3,
             )
+
+    @property
+    def capture_token_stats(self) -> bool:
+        """Whether decoding records per-token stats (``token_stats``, None = ``score``)."""
+        return bool(self.score if self.token_stats is None else self.token_stats)
 
     @property
     def rows_per_chunk(self) -> int:
@@ -143,7 +170,14 @@ class GenerateConfig:
 class Trajectory:
     """One sampled response. ``token_ids`` generated ids; ``step_positions`` into
     ``prompt_ids + token_ids``; ``step_scores`` sigmoid of the head logit there;
-    ``scores`` {aggregator: float in [0, 1]}."""
+    ``scores`` {aggregator: float in [0, 1]}.
+
+    Training-free self-signals (empty when generated without ``token_stats``):
+    ``token_logprobs`` / ``token_self_certainty`` / ``token_confidence`` are
+    aligned with ``token_ids`` (element i is for ``token_ids[i]``, EOS included;
+    see :func:`token_stats`); ``signals`` = :func:`trajectory_signals` of them:
+    ``mean_logprob``, ``self_certainty``, ``deepconf`` (higher = more confident;
+    -inf for an empty response, never NaN)."""
 
     text: str
     token_ids: list[int]
@@ -156,6 +190,10 @@ class Trajectory:
     n_steps: int
     hit_max_tokens: bool
     prompt_len: int = 0
+    token_logprobs: list[float] = field(default_factory=list)
+    token_self_certainty: list[float] = field(default_factory=list)
+    token_confidence: list[float] = field(default_factory=list)
+    signals: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -185,12 +223,22 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     reaches ``top_p`` in every row the nucleus lies inside them and the result is
     exactly the full-sort rule. Otherwise it falls back to a full sort.
     """
+    return _sample_next(logits, temperature, top_p, generator, probe)[0]
+
+
+def _sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                 generator: torch.Generator | None, probe: int = 64,
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`sample_next`, plus the indices (R, K) of the K most likely tokens in
+    descending order that the top-p rule sorted (None when it sorted none: greedy
+    or top_p = 1). Temperature keeps the order, so they are the raw logits' top-K
+    too, which :func:`token_stats` reuses instead of a second topk."""
     logits = logits.float()
     if temperature <= 0:
-        return logits.argmax(dim=-1)
+        return logits.argmax(dim=-1), None
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p >= 1.0:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1), None
     V = probs.shape[-1]
     K = min(max(1, probe), V)
     while True:
@@ -201,7 +249,60 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     drop = (vals.cumsum(-1) - vals) >= top_p
     vals = vals.masked_fill(drop, 0.0)
     choice = torch.multinomial(vals, 1, generator=generator)
-    return idx.gather(-1, choice).squeeze(-1)
+    return idx.gather(-1, choice).squeeze(-1), idx
+
+
+def token_stats(logits: torch.Tensor, ids: torch.Tensor, topk: int = 20,
+                top_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Self-signals of tokens ``ids`` (...) sampled from RAW next-token ``logits``
+    (..., V) (temperature 1, before top-p). Returns (3, ...) float32:
+
+    0. ``logprob`` = log p(id);
+    1. ``self_certainty`` = KL(Uniform || p) = -log V - (1/V) sum_j log p_j
+       (Kang et al. 2025; >= 0, higher = more certain);
+    2. ``confidence`` = -(1/k) sum over the top-k tokens of log p, k = ``topk``
+       (DeepConf token confidence, Fu et al. 2025; higher = more confident).
+
+    One log_softmax over the vocabulary and one topk, vectorised over rows.
+    ``top_idx`` (..., >= k): indices of the most likely tokens in descending
+    order, already known from sampling (:func:`_sample_next`); then no topk runs.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)                   # (..., V)
+    V = logp.shape[-1]
+    k = min(int(topk), V)
+    lp = logp.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)          # (...)
+    sc = -logp.mean(dim=-1) - math.log(V)                               # (...)
+    if top_idx is not None and top_idx.shape[-1] >= k:
+        top = logp.gather(-1, top_idx[..., :k])                         # (..., k)
+    else:
+        top = logp.topk(k, dim=-1).values                               # (..., k)
+    cf = -top.mean(dim=-1)                                              # (...)
+    return torch.stack([lp, sc, cf])                                    # (3, ...)
+
+
+SIGNALS = ("mean_logprob", "self_certainty", "deepconf")
+
+
+def trajectory_signals(logprobs: Sequence[float], self_certainty: Sequence[float],
+                       confidence: Sequence[float], window: int = 16) -> dict[str, float]:
+    """Trajectory-level self-signals from its per-token stats (higher = more confident):
+
+    * ``mean_logprob``: mean token log-prob;
+    * ``self_certainty``: mean token self-certainty;
+    * ``deepconf``: DeepConf lowest group confidence, the minimum over sliding
+      windows of ``window`` consecutive tokens (stride 1) of the mean token
+      confidence; a response shorter than ``window`` is one group.
+
+    An empty response gets -inf for all three (never NaN).
+    """
+    if not logprobs:
+        return {s: -math.inf for s in SIGNALS}
+    conf = torch.tensor(list(confidence), dtype=torch.float64)          # (n,)
+    w = min(int(window), conf.numel())
+    groups = conf.unfold(0, w, 1).mean(dim=-1)                          # (n - w + 1,)
+    return {"mean_logprob": float(sum(logprobs) / len(logprobs)),
+            "self_certainty": float(sum(self_certainty) / len(self_certainty)),
+            "deepconf": float(groups.min())}
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -279,13 +380,25 @@ class _Chunk:
     """Decoded rows of one chunk: ``ids`` (R, P+T) padded; ``lengths`` (R,) full
     lengths; ``head`` (R, P+T) head logits (NaN where not computed, per_step mode);
     ``feats`` (R, P+T, C) feature-layer hidden states (NaN where not computed,
-    deferred mode); ``hit_max`` (R,)."""
+    deferred mode); ``hit_max`` (R,).
+
+    Token stats (``cfg.capture_token_stats``; else None): ``tok_logprob``,
+    ``tok_self_certainty``, ``tok_confidence``, each (R, P+T) float32 and
+    ALIGNED WITH THE FULL SEQUENCE ``ids``: column j holds the stat of token
+    ``ids[r, j]``, computed (:func:`token_stats`) from the raw logits of the step
+    that sampled it (i.e. the logits at position j-1). Prompt columns (< P) and
+    padding (>= ``lengths[r]``) are NaN; the EOS column is filled (it is part of
+    the response). So a per-step feature at step position j is ``tok_*[r, j]``.
+    (P+T is trimmed to the chunk's longest row, like ``ids``.)"""
 
     ids: torch.Tensor
     lengths: torch.Tensor
     head: torch.Tensor | None
     hit_max: torch.Tensor
     feats: torch.Tensor | None = None
+    tok_logprob: torch.Tensor | None = None
+    tok_self_certainty: torch.Tensor | None = None
+    tok_confidence: torch.Tensor | None = None
 
 
 def resolve_head_mode(cfg: GenerateConfig, hidden_size: int, prompt_len: int) -> str:
@@ -317,6 +430,7 @@ def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
     feed_last = score and _needs_last_hidden(cfg.read_at)
     mode = resolve_head_mode(cfg, int(getattr(model, "hidden_size", 0) or 0), P) if score else ""
     fl = getattr(model, "feature_layer", -2)
+    stats = cfg.capture_token_stats
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     cache_kw = _cache_kw(backbone)
     out = backbone(input_ids=prompt, use_cache=True, output_hidden_states=score,
@@ -352,14 +466,21 @@ def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
             feats = torch.full((R, P + T, prefill_feats.shape[-1]), float("nan"),
                                dtype=prefill_feats.dtype, device=device)
             feats[:, :P] = prefill_feats
+        stat_buf = None
+        if stats:   # [logprob, self_certainty, confidence] of the token at each column
+            stat_buf = torch.full((3, R, P + T), float("nan"), dtype=torch.float32,
+                                  device=device)                                # (3, R, P+T)
         lengths = torch.full((R,), P + T, dtype=torch.long, device=device)
         hit_max = torch.ones(R, dtype=torch.bool, device=device)
         rows = torch.arange(R, device=device)        # chunk row of each cache row
         logits = prefill_logits.expand(R, -1)
         eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=device) if eos else None
         for t in range(T):
-            nxt = sample_next(logits, cfg.temperature, cfg.top_p, generator)   # (rows,)
+            nxt, top = _sample_next(logits, cfg.temperature, cfg.top_p, generator)  # (rows,)
             ids[rows, P + t] = nxt
+            if stat_buf is not None:   # from the raw logits that sampled nxt (no second pass)
+                stat_buf[:, rows, P + t] = token_stats(logits, nxt, cfg.deepconf_topk,
+                                                       top)                     # (3, rows)
             if eos_t is not None and not cfg.ignore_eos:
                 done = torch.isin(nxt, eos_t)
             else:
@@ -399,9 +520,12 @@ def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
                 rows, logits = rows[keep], logits[keep]
             del out
         Lmax = int(lengths.max())
+        stat_buf = [None] * 3 if stat_buf is None else stat_buf[:, :, :Lmax]   # (3, R, Lmax)
         chunks.append(_Chunk(ids=ids[:, :Lmax], lengths=lengths,
                              head=None if head is None else head[:, :Lmax], hit_max=hit_max,
-                             feats=None if feats is None else feats[:, :Lmax]))
+                             feats=None if feats is None else feats[:, :Lmax],
+                             tok_logprob=stat_buf[0], tok_self_certainty=stat_buf[1],
+                             tok_confidence=stat_buf[2]))
     return chunks
 
 
@@ -459,7 +583,8 @@ def _trajectory_scores(head: torch.Tensor, mask: torch.Tensor,
 
 def _build_trajectories(chunk: _Chunk, mask: torch.Tensor | None, prompt_len: int,
                         tokenizer: Any, problem: Any, task: Any, eos: set[int], pad_id: int,
-                        aggregators: Sequence[str], read_at: str = "") -> list[Trajectory]:
+                        aggregators: Sequence[str], read_at: str = "",
+                        deepconf_window: int = 16) -> list[Trajectory]:
     scores = _trajectory_scores(chunk.head, mask, aggregators) if mask is not None else {}
     if mask is not None and chunk.head is not None:
         read = chunk.head.masked_fill(~mask, 0.0)
@@ -481,6 +606,12 @@ def _build_trajectories(chunk: _Chunk, mask: torch.Tensor | None, prompt_len: in
             traj_scores = {a: float(v[r]) for a, v in scores.items()}
         else:
             step_pos, step_scores, traj_scores = [], [], {}
+        stats: dict[str, Any] = {}
+        if chunk.tok_logprob is not None:
+            lp, sc, cf = (x[r, prompt_len:L].tolist() for x in
+                          (chunk.tok_logprob, chunk.tok_self_certainty, chunk.tok_confidence))
+            stats = dict(token_logprobs=lp, token_self_certainty=sc, token_confidence=cf,
+                         signals=trajectory_signals(lp, sc, cf, deepconf_window))
         answer = task.extract_answer(text) if task is not None else None
         correct = bool(task.is_correct(text, problem)) if task is not None else False
         fws = task.first_wrong_step(text, problem) if task is not None else None
@@ -488,6 +619,7 @@ def _build_trajectories(chunk: _Chunk, mask: torch.Tensor | None, prompt_len: in
             text=text, token_ids=gen, step_positions=step_pos, step_scores=step_scores,
             scores=traj_scores, answer=answer, correct=correct, first_wrong_step=fws,
             n_steps=len(step_pos), hit_max_tokens=bool(chunk.hit_max[r]), prompt_len=prompt_len,
+            **stats,
         ))
     return out
 
@@ -545,7 +677,7 @@ def generate_best_of_n(model: Any, tokenizer: Any, problems: Sequence[Any], task
                 mask = finish_chunk(model, ch, tokenizer, cfg, len(prompt_ids)) \
                     if cfg.score else None
                 trajs += _build_trajectories(ch, mask, len(prompt_ids), tokenizer, problem, task,
-                                             eos, pad_id, aggs, cfg.read_at)
+                                             eos, pad_id, aggs, cfg.read_at, cfg.deepconf_window)
             results.append(ProblemSamples(problem=problem, trajectories=trajs,
                                           gen_seconds=seconds))
     finally:
@@ -611,7 +743,9 @@ def evaluate(samples: Sequence[ProblemSamples], *, aggregator: str = "geometric"
              seed: int = 0, log: bool = True, table_name: str = "bon_eval.json"):
     """Metric tables for best-of-N samples (tidy DataFrame, ``metrics.TABLE_COLUMNS``).
 
-    Rows: accuracy of every selector at every k (reference grouping + bootstrap
+    Rows: accuracy of every selector at every k (``selectors=None``: all
+    registered ones, the self-signal ones only when the samples have
+    ``signals``; reference grouping + bootstrap
     CI, plus unbiased ``pass@k``), trajectory AUROC / ECE for every aggregator,
     the count of max-token trajectories without an answer and, when
     ``val_samples`` carry step labels, ProcessBench step F1 (threshold chosen on
@@ -621,11 +755,14 @@ def evaluate(samples: Sequence[ProblemSamples], *, aggregator: str = "geometric"
     import pandas as pd
 
     from . import metrics
-    from .select import SELECTORS
+    from .select import SELECTORS, usable_selectors
 
-    names = list(selectors) if selectors is not None else SELECTORS.names()
-    sel = {n: SELECTORS.get(n) for n in names}
     groups = [s.trajectories for s in samples]
+    if selectors is not None:
+        names = list(selectors)
+    else:   # all; self-signal selectors only when the samples carry their signals
+        names = usable_selectors(groups[0][0]) if groups and groups[0] else SELECTORS.names()
+    sel = {n: SELECTORS.get(n) for n in names}
     aggs = sorted(groups[0][0].scores) if groups and groups[0] else []
     parts = [metrics.accuracy_vs_k(groups, sel, ks, aggregator=aggregator, n_boot=n_boot,
                                    seed=seed)]
@@ -724,5 +861,5 @@ def generate_best_of_n_vllm(model: Any, tokenizer: Any, problems: Sequence[Any],
 __all__ = [
     "GenerateConfig", "Trajectory", "ProblemSamples", "generate_best_of_n", "reforward_scores",
     "evaluate", "sample_next", "decode_chunks", "BACKENDS", "generate_best_of_n_vllm",
-    "DEFAULT_EFFORT_MAP", "pad_right",
+    "DEFAULT_EFFORT_MAP", "pad_right", "token_stats", "trajectory_signals", "SIGNALS",
 ]

@@ -53,7 +53,10 @@ def samples_to_json(samples: Sequence[Any]) -> list[dict]:
 
 
 def samples_from_json(rows: Sequence[dict]) -> list[Any]:
-    """Inverse of :func:`samples_to_json`."""
+    """Inverse of :func:`samples_to_json`. Entries written before a Trajectory
+    field existed load with that field's default (the token stats and ``signals``
+    of older entries are empty, so ``generate.evaluate`` leaves the self-signal
+    selectors out). -inf signals round-trip (JSON ``-Infinity``)."""
     from .generate import ProblemSamples, Trajectory
     from .tasks.base import Problem
 

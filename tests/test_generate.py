@@ -319,3 +319,158 @@ def test_bench_inference_cli_prints_json_last(capsys):
                 "p5_peak_rss_gib"):
         assert key in res
     assert res["k"] == 2 and res["p1_scoring_overhead"] > 0 and res["p5_peak_rss_gib"] > 0
+
+
+# ------------------------------------------------------- training-free self-signals
+@pytest.fixture(scope="module")
+def eos_model(tok):
+    """The micro model with EOS made likely, so rows finish at different lengths."""
+    m = make_model(tok, seed=1)
+    boost = torch.zeros(len(tok))
+    boost[tok.eos_token_id] = 2.0
+    m.backbone.lm_head.register_forward_hook(lambda mod, inp, out: out + boost)
+    return m
+
+
+def test_token_stats_formulas_by_hand():
+    """p = (1/2, 1/4, 1/4) (logits = log p) and a uniform row, V = 3, top-k = 2."""
+    ln2, ln3 = math.log(2.0), math.log(3.0)
+    logits = torch.tensor([[-ln2, -2 * ln2, -2 * ln2], [0.7, 0.7, 0.7]])
+    lp, sc, cf = G.token_stats(logits, torch.tensor([1, 0]), topk=2)
+    # log p(sampled): log 1/4 and log 1/3
+    assert lp.tolist() == pytest.approx([-2 * ln2, -ln3], abs=1e-6)
+    # KL(U || p) = -log V - (1/V) sum_j log p_j = -ln3 + (ln2 + 2 ln2 + 2 ln2) / 3; uniform: 0
+    assert sc.tolist() == pytest.approx([-ln3 + 5 * ln2 / 3, 0.0], abs=1e-6)
+    # DeepConf: -(1/k) sum of the top-k log p = (ln2 + 2 ln2) / 2; uniform: ln3
+    assert cf.tolist() == pytest.approx([1.5 * ln2, ln3], abs=1e-6)
+    assert G.token_stats(logits, torch.tensor([0, 0]), topk=50).shape == (3, 2)  # k > V: all
+    # the top-k indices the sampler already sorted (any temperature) give the same stats
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(5, 40, generator=g) * 3
+    nxt, top = G._sample_next(big, 0.6, 0.9, g)
+    assert top is not None and top.shape[-1] >= 20
+    assert torch.allclose(G.token_stats(big, nxt, 20, top), G.token_stats(big, nxt, 20))
+
+
+def test_trajectory_signals_windows_and_empty():
+    s = G.trajectory_signals([-1.0, -3.0], [0.5, 1.5], [1.0, 2.0], window=16)
+    assert s == {"mean_logprob": -2.0, "self_certainty": 1.0, "deepconf": 1.5}  # one group
+    conf = [4.0, 1.0, 3.0, 2.0, 5.0]
+    s = G.trajectory_signals([0.0] * 5, [0.0] * 5, conf, window=2)
+    assert s["deepconf"] == pytest.approx(2.0)       # windows 2.5, 2.0, 2.5, 3.5 -> min
+    assert G.trajectory_signals(conf, conf, conf, window=1)["deepconf"] == 1.0
+    empty = G.trajectory_signals([], [], [], window=16)
+    assert set(empty) == set(G.SIGNALS) and all(v == -math.inf for v in empty.values())
+    with pytest.raises(ConfigError, match="deepconf_window"):
+        GenerateConfig(deepconf_window=0)
+
+
+def test_inflight_token_stats_equal_reforward(tok, eos_model):
+    """The stats captured while decoding (from the logits that sampled each token,
+    temperature and top-p notwithstanding: RAW logits) equal the stats of a full
+    forward over the finished sequences, column for column."""
+    from _tolerance import EPS32, llama_terms, rounding_bound
+
+    cfg = GenerateConfig(k=8, max_new_tokens=20, chunk_size=4, temperature=0.7, top_p=0.9,
+                         deepconf_topk=5)
+    prompt_ids = tok(PROMPT)["input_ids"]
+    P = len(prompt_ids)
+    eos = G._eos_ids(eos_model, tok)
+    pad = G._pad_id(tok, eos)
+    chunks = G.decode_chunks(eos_model, prompt_ids, cfg, eos=eos, pad_id=pad,
+                             generator=torch.Generator().manual_seed(0))
+    n_tokens = finished = 0
+    for ch in chunks:
+        stats = torch.stack([ch.tok_logprob, ch.tok_self_certainty, ch.tok_confidence])
+        assert stats.shape == (3, *ch.ids.shape) and stats.dtype == torch.float32
+        cols = torch.arange(ch.ids.shape[1])[None, :]
+        resp = (cols >= P) & (cols < ch.lengths[:, None])           # (R, L) response columns
+        assert torch.isnan(stats[:, ~resp]).all() and torch.isfinite(stats[:, resp]).all()
+        with torch.no_grad():
+            attn = (cols < ch.lengths[:, None]).long()
+            logits = eos_model.backbone(ch.ids, attention_mask=attn).logits      # (R, L, V)
+        # the token at column j was sampled from the logits at position j - 1
+        want = G.token_stats(logits[:, :-1], ch.ids[:, 1:], cfg.deepconf_topk)  # (3, R, L-1)
+        m = resp[:, 1:]
+        got, want = stats[:, :, 1:][:, m], want[:, m]                            # (3, n)
+        # Tolerance from float32 rounding alone (tests/_tolerance.py): the KV-cached and
+        # the full forward compute each logit with at most n = llama_terms rounded
+        # operations on terms of the logits' magnitude, so they differ by delta <=
+        # 2 n eps32 max|logit|. log_softmax moves by <= 2 delta (x_j and logsumexp each
+        # by delta); the mean over V (self-certainty) and over the top-k (confidence:
+        # the top-k sum is 1-Lipschitz in each logit) by no more. Each path's own
+        # log_softmax + mean adds <= (V + 2) eps32 max|log p| of rounding.
+        delta = rounding_bound(llama_terms(eos_model.backbone.config, ch.ids.shape[1]),
+                               float(logits.abs().max()))
+        tol = 2 * delta + rounding_bound(logits.shape[-1] + 2,
+                                         max(1.0, float(want.abs().max())), EPS32)
+        assert (got - want).abs().max() <= tol, ((got - want).abs().max(), tol)
+        n_tokens += int(resp.sum())
+        finished += int((ch.lengths < P + cfg.max_new_tokens).sum())
+    assert n_tokens >= 30, "test is vacuous: too few tokens sampled"
+    assert finished, "no row ended with EOS before max_new_tokens; test is vacuous"
+
+
+def test_trajectory_token_stats_and_signals(tok, eos_model):
+    cfg = GenerateConfig(k=5, max_new_tokens=24, chunk_size=2, temperature=1.0, deepconf_window=4)
+    out = generate_best_of_n(eos_model, tok, [Prob(PROMPT)], FakeTask(), cfg)[0].trajectories
+    assert any(tok.eos_token_id in t.token_ids for t in out), "no EOS sampled; test is vacuous"
+    for t in out:   # aligned with token_ids, EOS included
+        n = len(t.token_ids)
+        assert len(t.token_logprobs) == len(t.token_self_certainty) == len(t.token_confidence) == n
+        assert all(lp <= 0 for lp in t.token_logprobs)
+        assert all(sc >= -1e-6 for sc in t.token_self_certainty)   # a KL divergence
+        assert t.signals == G.trajectory_signals(t.token_logprobs, t.token_self_certainty,
+                                                 t.token_confidence, window=4)
+        assert all(math.isfinite(v) for v in t.signals.values())
+    # the self-signal selectors are in evaluate's table automatically
+    tab = G.evaluate([G.ProblemSamples(Prob(PROMPT), out)], ks=[1, 5], n_boot=10, log=False)
+    sels = set(tab[tab.metric == "accuracy"].selector)
+    assert {f"{s}_{m}" for s in G.SIGNALS for m in ("bon", "vote")} <= sels
+
+
+def test_token_stats_off_for_the_unscored_baseline(tok, model):
+    """score=False keeps the benchmark baseline bare unless token_stats=True is asked."""
+    prompt_ids = tok(PROMPT)["input_ids"]
+    eos = G._eos_ids(model, tok)
+    kw = dict(eos=eos, pad_id=G._pad_id(tok, eos))
+    bare = G.decode_chunks(model.backbone, prompt_ids,
+                           GenerateConfig(k=2, max_new_tokens=4, score=False), **kw)
+    assert bare[0].tok_logprob is None and bare[0].tok_confidence is None
+    assert G.decode_chunks(model, prompt_ids, GenerateConfig(k=2, max_new_tokens=4,
+                                                             token_stats=False), **kw
+                           )[0].tok_logprob is None
+    out = generate_best_of_n(model.backbone, tok, [Prob(PROMPT)], None,
+                             GenerateConfig(k=2, max_new_tokens=4, score=False,
+                                            token_stats=True))
+    t = out[0].trajectories[0]
+    assert t.scores == {} and len(t.token_logprobs) == len(t.token_ids)
+    assert set(t.signals) == set(G.SIGNALS)
+    # without signals, evaluate leaves the self-signal selectors out (no error)
+    from metastone_lab.select import SIGNAL_OF, usable_selectors
+    assert not set(SIGNAL_OF) & set(usable_selectors({"signals": {}}))
+
+
+def test_rollout_cache_keeps_token_stats_and_loads_old_entries():
+    import json
+
+    from metastone_lab.rollout_cache import samples_from_json, samples_to_json
+    from metastone_lab.tasks.base import Problem
+
+    t = G.Trajectory(text="", token_ids=[], step_positions=[], step_scores=[], scores={},
+                     answer=None, correct=False, first_wrong_step=None, n_steps=0,
+                     hit_max_tokens=False, signals=G.trajectory_signals([], [], [], 16))
+    u = G.Trajectory(text="x", token_ids=[5], step_positions=[], step_scores=[], scores={},
+                     answer="1", correct=True, first_wrong_step=-1, n_steps=0,
+                     hit_max_tokens=False, token_logprobs=[-0.5], token_self_certainty=[1.25],
+                     token_confidence=[2.0], signals=G.trajectory_signals([-0.5], [1.25], [2.0]))
+    prob = Problem(id="p", question="q", answer="1", prompt="q <think>")
+    rows = json.loads(json.dumps(samples_to_json([G.ProblemSamples(prob, [t, u])])))
+    back = samples_from_json(rows)[0].trajectories
+    assert back[0].signals == {s: -math.inf for s in G.SIGNALS}       # -inf survives JSON
+    assert back[1] == u
+    for r in rows[0]["trajectories"]:   # an entry written before the token stats existed
+        for key in ("token_logprobs", "token_self_certainty", "token_confidence", "signals"):
+            del r[key]
+    old = samples_from_json(rows)[0].trajectories[1]
+    assert old.token_logprobs == [] and old.signals == {} and old.token_ids == [5]
