@@ -10,6 +10,8 @@ generation engine and notebooks can share it:
 - :func:`accuracy_vs_k` - accuracy of every selector at every k <= K_max from one
   large run, with the reference grouping method and bootstrap CIs over problems.
 - :func:`bootstrap_ci`, :func:`ece`, :func:`trajectory_metrics`.
+- :func:`paired_bootstrap_diff` / :func:`selector_diff_ci` - CI of the accuracy
+  difference of two selectors on the same problems (paired problem bootstrap).
 
 Tables are tidy pandas DataFrames with the columns of :data:`TABLE_COLUMNS`
 (one row per metric x selector/aggregator x k).
@@ -291,6 +293,91 @@ def bootstrap_ci(
     return float(np.quantile(boots, alpha / 2)), float(np.quantile(boots, 1 - alpha / 2))
 
 
+def paired_bootstrap_diff(
+    a: Sequence[float],
+    b: Sequence[float],
+    *,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile-bootstrap CI of ``mean(a) - mean(b)`` for PAIRED values.
+
+    ``a``, ``b``: (n,) per-problem values of two methods on the same n problems
+    (e.g. accuracies of two selectors). Each of the ``n_boot`` replicates draws
+    n problem indices with replacement and applies the SAME indices to both, so
+    problem difficulty cancels (a paired test: far narrower than two independent
+    CIs). Pairs with a NaN on either side are dropped; ``(nan, nan)`` when none
+    is left. Seeded (``seed``): the same inputs give the same interval.
+    Returns ``(lo, hi)``, the ``alpha/2`` and ``1 - alpha/2`` quantiles.
+    """
+    x = np.asarray(a, dtype=float).reshape(-1)
+    y = np.asarray(b, dtype=float).reshape(-1)
+    if x.shape != y.shape:
+        raise ConfigError(f"paired_bootstrap_diff: {x.size} values vs {y.size}; the two "
+                          f"methods must be measured on the same problems")
+    ok = ~(np.isnan(x) | np.isnan(y))
+    d = (x - y)[ok]                                          # (n,) paired differences
+    if d.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, d.size, size=(n_boot, d.size))     # (n_boot, n), shared by a and b
+    boots = d[idx].mean(axis=1)                              # (n_boot,)
+    return float(np.quantile(boots, alpha / 2)), float(np.quantile(boots, 1 - alpha / 2))
+
+
+def per_problem_accuracy(
+    problems: Sequence[Sequence[Any]],
+    select: Callable[..., int],
+    k: int,
+    *,
+    aggregator: str = "geometric",
+    rng: Any = None,
+    k_max: int | None = None,
+) -> list[float]:
+    """Per problem, the mean correctness of ``select`` over its ``k_max // k``
+    consecutive groups of ``k`` (the reference grouping, see :func:`accuracy_vs_k`).
+    ``k_max`` defaults to the smallest number of trajectories over problems."""
+    k_max = min(len(p) for p in problems) if k_max is None else k_max
+    n_groups = k_max // k
+    rng = rng if rng is not None else np.random.default_rng(0)
+    per_problem = []
+    for trajs in problems:
+        hits = []
+        for g in range(n_groups):
+            group = list(trajs[g * k:(g + 1) * k])
+            j = int(select(group, aggregator=aggregator, rng=rng))
+            hits.append(bool(_get(group[j], "correct")))
+        per_problem.append(float(np.mean(hits)))
+    return per_problem
+
+
+def selector_diff_ci(
+    problems: Sequence[Sequence[Any]],
+    select_a: Callable[..., int],
+    select_b: Callable[..., int],
+    k: int,
+    *,
+    aggregator: str = "geometric",
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> list[float] | None:
+    """``[lo, hi]``: paired-bootstrap CI (:func:`paired_bootstrap_diff`) of
+    accuracy(``select_a``) - accuracy(``select_b``) at ``k``, each problem's
+    accuracy from the reference grouping (:func:`per_problem_accuracy`).
+    None when ``k`` exceeds K_max (or there are no problems)."""
+    if not problems:
+        return None
+    k_max = min(len(p) for p in problems)
+    if k < 1 or k > k_max:
+        return None
+    acc_a = per_problem_accuracy(problems, select_a, k, aggregator=aggregator, k_max=k_max)
+    acc_b = per_problem_accuracy(problems, select_b, k, aggregator=aggregator, k_max=k_max)
+    lo, hi = paired_bootstrap_diff(acc_a, acc_b, n_boot=n_boot, alpha=alpha, seed=seed)
+    return [lo, hi]
+
+
 # ------------------------------------------------------------------ accuracy vs k
 def default_ks(k_max: int) -> list[int]:
     """Powers of two up to ``k_max`` (plus ``k_max`` itself)."""
@@ -352,15 +439,8 @@ def accuracy_vs_k(
     rng = np.random.default_rng(seed)
     for name, select in selectors.items():
         for k in ks:
-            n_groups = k_max // k
-            per_problem = []
-            for trajs in problems:
-                hits = []
-                for g in range(n_groups):
-                    group = list(trajs[g * k:(g + 1) * k])
-                    j = int(select(group, aggregator=aggregator, rng=rng))
-                    hits.append(bool(_get(group[j], "correct")))
-                per_problem.append(float(np.mean(hits)))
+            per_problem = per_problem_accuracy(problems, select, k, aggregator=aggregator,
+                                               rng=rng, k_max=k_max)
             ci = bootstrap_ci(per_problem, n_boot=n_boot, alpha=alpha, seed=seed)
             rows.append(_row("accuracy", np.mean(per_problem), selector=name,
                              aggregator=aggregator, k=k, ci=ci, n=len(per_problem)))

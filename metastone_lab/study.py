@@ -22,7 +22,12 @@ from .errors import ConfigError
 #: the headline numbers every study run reports (runs/<spec>/summary.json).
 SUMMARY_KEYS = ["pass@1", "pass@32", "bon@2", "bon@8", "bon@32", "majority@8", "majority@32",
                 "weighted@8", "weighted@32", "auroc", "step_f1", "aha_onset_step",
-                "wall_seconds"]
+                "wall_seconds",
+                # training-free self-signal baselines (best-of-N by each signal)
+                "self_certainty@8", "self_certainty@32", "mean_logprob@32", "deepconf@32",
+                # the SPRM's within-problem ranking, and [lo, hi] 95% paired-bootstrap
+                # CIs of sprm_bon - majority accuracy (problems resampled)
+                "auroc_within", "bon_minus_majority@8_ci", "bon_minus_majority@32_ci"]
 
 
 @dataclass
@@ -319,7 +324,16 @@ def summarize(ev: Evaluation, trained: Trained | None = None, *, aggregator: str
 
     Keys for a k larger than the run's ``k_max`` are None. ``aha_onset_step``
     comes from the training run (None if no onset was detected).
+    ``self_certainty@k`` / ``mean_logprob@k`` / ``deepconf@k``: best-of-N accuracy
+    by that self-signal (None when the samples carry no signals).
+    ``auroc_within``: :func:`within_problem_auroc` under ``aggregator``.
+    ``bon_minus_majority@k_ci``: ``[lo, hi]``, 95% CI of sprm_bon - majority
+    accuracy (:func:`metrics.selector_diff_ci`: reference grouping, problems
+    resampled, paired).
     """
+    from .metrics import selector_diff_ci
+    from .select import SELECTORS
+
     t = ev.table
     out: dict[str, Any] = {"pass@1": _value(t, "accuracy", "pass@k", 1),
                            "pass@32": _value(t, "accuracy", "pass@k", 32)}
@@ -330,6 +344,17 @@ def summarize(ev: Evaluation, trained: Trained | None = None, *, aggregator: str
         out[f"weighted@{k}"] = _value(t, "accuracy", "sprm_weighted_vote", k)
     out["auroc"] = _value(t, "auroc", aggregator=aggregator)
     out["step_f1"] = _value(t, "step_f1")
+    for key, sel, k in (("self_certainty@8", "self_certainty_bon", 8),
+                        ("self_certainty@32", "self_certainty_bon", 32),
+                        ("mean_logprob@32", "mean_logprob_bon", 32),
+                        ("deepconf@32", "deepconf_bon", 32)):
+        out[key] = _value(t, "accuracy", sel, k)
+    out["auroc_within"] = within_problem_auroc(ev.test, aggregator)[0]
+    groups = [ps.trajectories for ps in ev.test]
+    for k in (8, 32):
+        out[f"bon_minus_majority@{k}_ci"] = selector_diff_ci(
+            groups, SELECTORS.get("sprm_bon"), SELECTORS.get("majority"), k,
+            aggregator=aggregator)
     res = trained.result if trained is not None else None
     out["aha_onset_step"] = getattr(res, "aha_onset_step", None)
     out["wall_seconds"] = wall_seconds
@@ -518,6 +543,9 @@ def ablation_summary(cfg: StudyConfig, ev: Evaluation, trained: Trained | None, 
     - ``auroc_within.<agg>`` / ``auroc_within`` (:func:`within_problem_auroc`, the
       ranking among one problem's samples that best-of-N relies on) and
       ``n_mixed_problems`` (problems with both correct and incorrect samples);
+    - ``auroc_within.<signal>`` for the training-free signals (mean_logprob,
+      self_certainty, deepconf; None without signals) on the same samples, and
+      ``bon_minus_majority@<k>_ci.lo`` / ``.hi`` (the summary's CI pair as numbers);
     - ``params_policy``, ``params_scorer``, ``gen_tokens_mean`` (generated tokens per
       trajectory, prompt excluded) and ``compute@<k>`` = (policy + scorer params) x
       generated tokens x k, the thinking compute per problem at effort k;
@@ -545,6 +573,18 @@ def ablation_summary(cfg: StudyConfig, ev: Evaluation, trained: Trained | None, 
         out[f"auroc_within.{agg}"], n_mixed = within_problem_auroc(ev.test, agg)
     out["auroc_within"] = out.get(f"auroc_within.{cfg.aggregator}")
     out["n_mixed_problems"] = n_mixed
+    from .generate import SIGNALS
+    from .metrics import within_group_auroc
+
+    for sig in SIGNALS:   # the same within-problem ranking by each training-free signal
+        rows = [(t.signals[sig], t.correct, pi) for pi, ps in enumerate(ev.test)
+                for t in ps.trajectories if sig in (t.signals or {})]
+        v, n = within_group_auroc(*zip(*rows)) if rows else (None, 0)
+        out[f"auroc_within.{sig}"] = v if n else None
+    for k in (8, 32):     # the CI pair as two numbers (metric stores keep numbers only)
+        ci = out.get(f"bon_minus_majority@{k}_ci")
+        if ci is not None:
+            out[f"bon_minus_majority@{k}_ci.lo"], out[f"bon_minus_majority@{k}_ci.hi"] = ci
     pc = param_counts(trained) if trained is not None else {}
     lens = [len(tr.token_ids) for ps in ev.test for tr in ps.trajectories]
     out["gen_tokens_mean"] = sum(lens) / len(lens) if lens else None

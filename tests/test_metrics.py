@@ -158,3 +158,94 @@ def test_step_f1_table_uses_val_threshold():
     # whereas a threshold chosen on test itself would have reached F1 = 1.
     assert thr == pytest.approx(0.5) and f1 == pytest.approx(0.0)
     assert M.step_error_f1(test, [1, -1], M.choose_threshold(test, [1, -1]))["f1"] == 1.0
+
+
+# ------------------------------------------------- paired bootstrap of a difference
+def test_paired_bootstrap_diff_exact_when_the_difference_is_constant():
+    """b = a - 0.25 on every problem: every resample has difference exactly 0.25, however
+    much the problems vary (the pairing removes their variance)."""
+    rng = np.random.default_rng(0)
+    a = rng.choice([0.25, 0.5, 0.75, 1.0], size=40)
+    lo, hi = M.paired_bootstrap_diff(a, a - 0.25, n_boot=200)
+    assert lo == hi == 0.25
+    # unpaired CIs of the two means would overlap heavily: pairing is what makes it exact
+    assert M.bootstrap_ci(a)[1] > M.bootstrap_ci(a - 0.25)[0]
+
+
+def test_paired_bootstrap_diff_excludes_and_includes_zero():
+    rng = np.random.default_rng(1)
+    base = rng.uniform(size=60).round(1)                 # problem difficulty, shared
+    better = np.minimum(base + rng.choice([0.0, 0.1, 0.2], size=60), 1.0)
+    lo, hi = M.paired_bootstrap_diff(better, base, n_boot=1000, seed=3)
+    assert 0.0 < lo <= hi
+    assert lo <= float(np.mean(better - base)) <= hi
+    # no true difference: +-0.1 noise symmetric around 0 -> CI includes 0
+    noisy = base + np.tile([0.1, -0.1], 30)
+    lo, hi = M.paired_bootstrap_diff(noisy, base, n_boot=1000, seed=3)
+    assert lo < 0.0 < hi
+    # seeded and symmetric in the arguments
+    assert M.paired_bootstrap_diff(noisy, base, seed=3) == (lo, hi)
+    assert M.paired_bootstrap_diff(base, noisy, seed=3) == pytest.approx((-hi, -lo))
+    # NaN pairs dropped; mismatched lengths refused; nothing left -> nan
+    assert M.paired_bootstrap_diff([1.0, np.nan], [0.5, 0.0]) == (0.5, 0.5)
+    with pytest.raises(ConfigError, match="same problems"):
+        M.paired_bootstrap_diff([1.0, 0.0], [1.0])
+    assert all(math.isnan(v) for v in M.paired_bootstrap_diff([], []))
+
+
+def test_selector_diff_ci_uses_the_reference_grouping():
+    from metastone_lab.select import SELECTORS
+
+    def t(answer, score, correct):
+        return {"answer": answer, "correct": correct, "scores": {"geometric": score}}
+
+    # 8 samples per problem: the correct answer "1" is a minority with the top score, so
+    # sprm_bon is right in every group of 4 or 8 and majority in none
+    group = [t("1", 0.9, True), t("2", 0.1, False), t("2", 0.2, False), t("2", 0.3, False)]
+    problems = [group * 2 for _ in range(5)]
+    bon, maj = SELECTORS.get("sprm_bon"), SELECTORS.get("majority")
+    assert M.selector_diff_ci(problems, bon, maj, 8) == [1.0, 1.0]
+    assert M.selector_diff_ci(problems, bon, maj, 4) == [1.0, 1.0]       # 2 groups of 4
+    assert M.per_problem_accuracy(problems, maj, 1) == [0.25] * 5          # 8 groups of 1
+    assert M.selector_diff_ci(problems, bon, maj, 16) is None             # k > K_max
+    assert M.selector_diff_ci([], bon, maj, 8) is None
+
+
+def test_study_summary_has_the_self_signal_and_ci_keys():
+    """summarize on synthetic samples (no model): every SUMMARY_KEY present; keys for
+    k > k_max are None; the CI is a [lo, hi] pair; signal AUROCs in ablation_summary."""
+    from metastone_lab import study
+    from metastone_lab.generate import ProblemSamples, Trajectory, evaluate, trajectory_signals
+    from metastone_lab.scoring import AGGREGATORS
+    from metastone_lab.tasks.base import Problem
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(6):
+        trajs = []
+        for _ in range(8):
+            c = bool(rng.uniform() < 0.4)
+            lp = [float(rng.uniform(-0.3, 0.0) if c else rng.uniform(-1.0, -0.2))] * 5
+            trajs.append(Trajectory(
+                text="", token_ids=[1] * 5, step_positions=[], step_scores=[],
+                scores=dict.fromkeys(AGGREGATORS.names(),
+                                     float(rng.uniform(0.5, 1) if c else rng.uniform(0, 0.6))),
+                answer="7" if c else str(rng.integers(0, 3)), correct=c, first_wrong_step=None,
+                n_steps=0, hit_max_tokens=False, token_logprobs=lp, token_self_certainty=lp,
+                token_confidence=[-x for x in lp],
+                signals=trajectory_signals(lp, lp, [-x for x in lp], 16)))
+        samples.append(ProblemSamples(Problem(f"p{i}", "q", "7", "q <think>"), trajs))
+    table = evaluate(samples, ks=[1, 2, 4, 8], n_boot=20, log=False)
+    ev = study.Evaluation(samples, [], table, 0.0)
+    s = study.summarize(ev, None)
+    assert set(study.SUMMARY_KEYS) <= set(s)
+    assert s["self_certainty@8"] is not None and s["self_certainty@32"] is None
+    assert s["mean_logprob@32"] is None and s["deepconf@32"] is None
+    lo, hi = s["bon_minus_majority@8_ci"]
+    assert lo <= hi and s["bon_minus_majority@32_ci"] is None
+    assert s["auroc_within"] == study.within_problem_auroc(samples)[0]
+    cfg = study.StudyConfig(k_max=8)
+    a = study.ablation_summary(cfg, ev, None)
+    for sig in ("mean_logprob", "self_certainty", "deepconf"):
+        assert 0.0 <= a[f"auroc_within.{sig}"] <= 1.0
+    assert (a["bon_minus_majority@8_ci.lo"], a["bon_minus_majority@8_ci.hi"]) == (lo, hi)
