@@ -6,7 +6,12 @@ Public names (architecture contract): :class:`TrainConfig`, :func:`train`
 
 Usage::
 
-    metastone-lab train --config experiments/train.yaml [--set steps=50 ...] [--resume]
+    metastone-lab train --config experiments/train.yaml [--set steps=50 ...] [--resume | --fresh]
+
+``--resume`` continues the last complete checkpoint in ``output_dir`` only if it was
+written by the same config (every field but the bookkeeping ones; ``steps`` may
+grow); otherwise it stops with a ConfigError naming the differing keys. ``--fresh``
+starts over, moving the existing checkpoints to ``output_dir/superseded-<time>/``.
     python -m metastone_lab.train --config cfg.yaml
     accelerate launch --cpu --num_processes 2 -m metastone_lab.train --config cfg.yaml
 """
@@ -24,13 +29,16 @@ from .training.trainer import TrainResult, Trainer, train
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "train", "cli_main", "load_config"]
 
 
-def load_config(path: str | None, overrides: list[str] = (), resume: bool = False) -> TrainConfig:
+def load_config(path: str | None, overrides: list[str] = (), resume: bool = False,
+                fresh: bool = False) -> TrainConfig:
     data: dict[str, Any] = load_yaml(path) if path else {}
     for item in overrides:
         k, v = parse_override(item)
         data[k] = v
     if resume:
         data["resume"] = True
+    if fresh:
+        data["fresh"] = True
     return from_dict(TrainConfig, data)
 
 
@@ -40,9 +48,12 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key (repeatable)")
     ap.add_argument("--resume", action="store_true",
-                    help="continue from the last complete checkpoint in output_dir")
+                    help="continue from the last complete checkpoint in output_dir (refused "
+                         "unless it was written by the same config)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="start over; existing checkpoints move to output_dir/superseded-*/")
     args = ap.parse_args(argv)
-    cfg = load_config(args.config, args.set, args.resume)
+    cfg = load_config(args.config, args.set, args.resume, args.fresh)
     res = train(cfg)
     summary = {"output_dir": str(res.output_dir), "steps_done": res.steps_done,
                "start_step": res.start_step, "aha_onset_step": res.aha_onset_step,

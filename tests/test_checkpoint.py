@@ -166,10 +166,71 @@ def test_jsonl_log_truncates_after_step_and_drops_torn_line(tmp_path):
 
 def test_existing_checkpoints_without_resume_is_an_error(micro, tmp_path):
     _quiet_train(_cfg(micro, tmp_path, steps=2))
-    with pytest.raises(ConfigError, match="resume: true"):
+    with pytest.raises(ConfigError, match="resume: true.*--fresh"):
         _quiet_train(_cfg(micro, tmp_path, steps=4))
     res = _quiet_train(_cfg(micro, tmp_path, steps=4, resume=True))
     assert res.start_step == 2 and res.steps_done == 4
+
+
+def test_resume_refuses_a_checkpoint_of_another_config_and_fresh_starts_over(micro, tmp_path):
+    """An explicit resume continues only the config that wrote the checkpoint: a changed
+    result field (here filter_warmup_steps, kl_coef), other inputs, or a checkpoint past
+    `steps` stop with a ConfigError naming the keys and the fix; bookkeeping fields may
+    change; --fresh starts over and keeps the old checkpoints aside."""
+    from metastone_lab.training.config import BOOKKEEPING_FIELDS
+
+    class Rec:
+        def __init__(self):
+            self.params, self.metrics, self.tags = {}, [], {}
+
+        def log_params(self, p):
+            self.params.update(p)
+
+        def log_metrics(self, m, step=None):
+            self.metrics.append((step, dict(m)))
+
+        def set_tags(self, t):
+            self.tags.update(t)
+
+    first = _quiet_train(_cfg(micro, tmp_path, steps=2, eval_every=0))
+    with pytest.raises(ConfigError) as e:
+        _quiet_train(_cfg(micro, tmp_path, steps=2, eval_every=0, resume=True,
+                          filter_warmup_steps=1, kl_coef=0.5))
+    msg = str(e.value)
+    assert "filter_warmup_steps: checkpoint has 0, this run has 1" in msg
+    assert "kl_coef: checkpoint has 0.001, this run has 0.5" in msg
+    assert "--fresh" in msg and "ckpt-2" in msg
+    with pytest.raises(ConfigError, match="at step 2, past this run's steps=1"):
+        _quiet_train(_cfg(micro, tmp_path, steps=1, eval_every=0, resume=True))
+    with pytest.raises(ConfigError, match=r"inputs: checkpoint has \{\}"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train(_cfg(micro, tmp_path, steps=2, eval_every=0, resume=True),
+                  fingerprint_extra={"backbone_config": "other"})
+    # bookkeeping may differ: the same run, continued (nothing left to train), and the
+    # run's tracker still gets the params and the curve of the weights it reports
+    assert {"output_dir", "checkpoint_every", "keep_checkpoints", "device"} <= set(
+        BOOKKEEPING_FIELDS)
+    rec = Rec()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        same = train(_cfg(micro, tmp_path, steps=2, eval_every=0, resume=True,
+                          checkpoint_every=1, keep_checkpoints=5, device="cpu"), rec)
+    assert same.start_step == 2 and same.steps_done == 2
+    assert rec.params["filter_warmup_steps"] == 0 and rec.params["steps"] == 2
+    assert sorted(s for s, m in rec.metrics if "spr_loss" in m) == [1, 2]
+    assert "ckpt-2" in rec.tags["metastone.train_resumed_from"]
+    # --fresh: a new run from step 0 in the same folder; the old checkpoints are kept
+    res = _quiet_train(_cfg(micro, tmp_path, steps=2, eval_every=0, fresh=True,
+                            filter_warmup_steps=1))
+    assert res.start_step == 0 and res.steps_done == 2
+    assert ck.read_state(res.checkpoint)["config"]["filter_warmup_steps"] == 1
+    (old,) = tmp_path.glob("superseded-*")
+    assert ck.read_state(old / "ckpt-2")["config"]["filter_warmup_steps"] == 0
+    assert ck.is_complete(old / "ckpt-2") and (old / "metrics.jsonl").is_file()
+    assert first.checkpoint == tmp_path / "ckpt-2" and (tmp_path / "ckpt-2").is_dir()
+    with pytest.raises(ConfigError, match="resume and fresh"):
+        _cfg(micro, tmp_path, resume=True, fresh=True)
 
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(micro, tmp_path):

@@ -68,6 +68,40 @@ def test_fingerprint_depends_on_shapes_not_on_lr():
     assert a.fingerprint() != TrainConfig(backbone="smollm2").fingerprint()
 
 
+def test_result_fingerprint_covers_every_field_but_bookkeeping():
+    import dataclasses
+
+    from metastone_lab.training.config import BOOKKEEPING_FIELDS
+
+    a = TrainConfig()
+    # bookkeeping: where and how often it is saved, how this call treats output_dir
+    for change in ({"output_dir": "elsewhere"}, {"resume": True}, {"fresh": True},
+                   {"checkpoint_every": 1}, {"keep_checkpoints": 0}, {"device": "cpu"}):
+        assert TrainConfig(**change).result_fingerprint() == a.result_fingerprint(), change
+    # every other field changes it (one changed value per field)
+    probe = {"mode": "sft", "task_options": {"n_train": 5}, "prompt_format": {"shots": 1},
+             "lora_targets": ["q_proj"], "loss": "bce_all_steps", "spr_dp_norm": "global",
+             "segmenter": "paragraph", "segmenter_options": {"n": 2}, "read_at": "step_token",
+             "aggregator": "min", "init_from": "x", "eval_at_start": False,
+             "backbone": "micro", "task": "jsonl"}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in BOOKKEEPING_FIELDS:
+            continue
+        v = getattr(a, f.name)
+        new = probe.get(f.name, v + 1 if isinstance(v, int) else
+                        (v + 0.25 if isinstance(v, float) else None))
+        assert new is not None and new != v, f.name
+        b = dataclasses.replace(a)
+        object.__setattr__(b, f.name, new)  # (no range checks needed for a hash)
+        assert b.result_fingerprint() != a.result_fingerprint(), f.name
+        assert f.name in a.result_diff(b.to_dict()), f.name
+    assert a.result_fingerprint({"backbone_config": "x"}) != a.result_fingerprint()
+    assert a.result_diff(a.to_dict()) == {}
+    # a checkpoint written before a field existed: the missing key is its default
+    old = {k: v for k, v in a.to_dict().items() if k != "filter_warmup_steps"}
+    assert a.result_diff(old) == {}
+
+
 # ----------------------------------------------------------------------------- GRPO math
 
 def test_group_advantages_normalise_per_group_and_all_equal_is_zero():

@@ -2,20 +2,45 @@
 
 One dataclass drives every training mode; it is loaded with
 ``config.from_dict`` (unknown keys / wrong types -> ``ConfigError``) and
-range-checked in ``__post_init__``. ``TrainConfig.fingerprint()`` hashes the
-fields that decide the *shape* of what a checkpoint holds (backbone, head
-width, LoRA layout, mode), so resuming into an incompatible run is refused.
+range-checked in ``__post_init__``. Two fingerprints:
+
+* ``TrainConfig.fingerprint()`` hashes the fields that decide the *shape* of what
+  a checkpoint holds (backbone, head width, LoRA layout, mode), so loading an
+  incompatible checkpoint is refused (``CheckpointError``);
+* ``TrainConfig.result_fingerprint()`` hashes every field that changes what
+  training produces (all but :data:`BOOKKEEPING_FIELDS`): a checkpoint is resumed,
+  and a study's training directory reused, only when it matches.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from ..config import check, to_dict
 
 MODES = ("joint", "head_only", "sft", "separate_prm")
+
+#: TrainConfig fields that do NOT change what a run produces (its weights, its logged
+#: curves, its aha onset); every other field is in ``result_fingerprint``.
+#: Judged one by one:
+#:   output_dir        where the run is written; the same run elsewhere is the same run
+#:   resume, fresh     how this invocation treats checkpoints already in output_dir
+#:   checkpoint_every  saving reads the RNG states, never draws from them
+#:   keep_checkpoints  only prunes old checkpoint dirs
+#:   device            auto/cpu/cuda: the same computation (up to float rounding)
+#: Deliberately NOT bookkeeping: the eval_* and aha_* fields. They leave the weights
+#: unchanged (evaluation samples under a forked RNG), but they decide the evaluation
+#: curve and the aha onset that the checkpoint carries and the study reports.
+BOOKKEEPING_FIELDS = ("output_dir", "resume", "fresh", "checkpoint_every", "keep_checkpoints",
+                      "device")
+
+#: Result fields an explicit resume may increase: the checkpoint at step k is the state
+#: at step k of any longer run whose other fields are equal (``steps`` sets no
+#: schedule). A checkpoint *past* ``steps`` is refused. The study keys its training
+#: directories by the full result fingerprint, so it never extends a run either.
+EXTENDABLE_FIELDS = ("steps",)
 
 
 @dataclass
@@ -91,6 +116,7 @@ class TrainConfig:
     output_dir: str = "runs/train"
     seed: int = 0
     resume: bool = False            # continue from the last complete checkpoint in output_dir
+    fresh: bool = False             # start over: move output_dir's checkpoints to superseded-*/
     init_from: str | None = None    # checkpoint dir whose adapter/head initialise a NEW run
     device: str = "auto"            # auto | cpu | cuda
 
@@ -130,6 +156,9 @@ class TrainConfig:
         check(self.aha_patience >= 1, "TrainConfig.aha_patience must be >= 1")
         check(self.device in ("auto", "cpu", "cuda"),
               f"TrainConfig.device={self.device!r}: choose auto, cpu or cuda")
+        check(not (self.resume and self.fresh),
+              "TrainConfig: resume and fresh exclude each other; resume continues the "
+              "checkpoints in output_dir, fresh starts over beside them")
 
     def validate_names(self) -> None:
         """Check loss / segmenter / aggregator / task names against their registries."""
@@ -153,5 +182,42 @@ class TrainConfig:
         blob = json.dumps(self.fingerprint_fields(), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def result_fields(self) -> dict[str, Any]:
+        """Every field that changes what training produces (all but
+        :data:`BOOKKEEPING_FIELDS`)."""
+        return {k: v for k, v in self.to_dict().items() if k not in BOOKKEEPING_FIELDS}
+
+    def result_fingerprint(self, extra: Mapping[str, Any] | None = None) -> str:
+        """Hash of :meth:`result_fields` (plus ``extra``: what else identifies the
+        run's inputs, e.g. the options of a tiny-family backbone)."""
+        blob = json.dumps({"fields": self.result_fields(), "extra": dict(extra or {})},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def result_diff(self, stored: Mapping[str, Any], ignore: tuple[str, ...] = ()
+                    ) -> dict[str, tuple[Any, Any]]:
+        """``{key: (stored value, this value)}`` for every result field that differs
+        from ``stored`` (a checkpoint's ``config``). A key missing from ``stored`` was
+        written before the field existed and counts as its default."""
+        defaults = to_dict(TrainConfig())
+        mine = self.result_fields()
+        out = {}
+        for k, v in mine.items():
+            if k in ignore:
+                continue
+            have = stored.get(k, defaults.get(k))
+            if _canon(have) != _canon(v):
+                out[k] = (have, v)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+
+def _canon(v: Any) -> str:
+    """Compare config values as JSON (a stored list equals a tuple, 1 equals 1.0)."""
+    if isinstance(v, bool) or v is None:
+        return json.dumps(v)
+    if isinstance(v, (int, float)):
+        return json.dumps(float(v))
+    return json.dumps(v, sort_keys=True, default=str)

@@ -41,6 +41,8 @@ from .rollout import RolloutBatch, pack, rollout
 
 LOG_NAME = "metrics.jsonl"
 AHA_TAG = "metastone.aha_onset_step"
+RESUMED_TAG = "metastone.train_resumed_from"
+SUPERSEDED_PREFIX = "superseded-"
 
 
 @dataclass
@@ -205,6 +207,7 @@ class Trainer:
         self.no_step_batches = 0
         self.aha = AhaDetector(cfg.aha_threshold, cfg.aha_patience)
         self.step = 0
+        self.fingerprint_extra: dict[str, Any] = {}
         self._eval_cache: dict[str, list] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -472,6 +475,8 @@ class Trainer:
     def trainer_state(self) -> dict[str, Any]:
         return {"fingerprint": self.cfg.fingerprint(),
                 "fingerprint_fields": self.cfg.fingerprint_fields(),
+                "result_fingerprint": self.cfg.result_fingerprint(self.fingerprint_extra),
+                "result_extra": self.fingerprint_extra,
                 "config": self.cfg.to_dict(), "aha": self.aha.state_dict(),
                 "no_step_batches": self.no_step_batches, "param_counts": self.param_counts}
 
@@ -552,25 +557,98 @@ def _reduce_mean(trainer: Trainer, rows: dict[str, float], keys: Sequence[str]) 
             rows[k] = trainer._allsum(rows[k]) / trainer.world
 
 
+def resume_mismatch(ckpt: Path, cfg: TrainConfig,
+                    extra: dict[str, Any] | None = None) -> list[str]:
+    """Why ``cfg`` may not continue checkpoint ``ckpt``: one line per result field
+    (:meth:`TrainConfig.result_fields`) whose value differs from the config that wrote
+    it, a different ``extra`` identity, or a checkpoint past ``cfg.steps``. Empty when
+    resuming gives the run ``cfg`` describes."""
+    from .config import EXTENDABLE_FIELDS
+
+    state = ckpt_mod.read_state(ckpt)
+    stored = state.get("config")
+    if not isinstance(stored, dict):
+        return ["config: the checkpoint records no config (written by an old version)"]
+    out = [f"{k}: checkpoint has {a!r}, this run has {b!r}"
+           for k, (a, b) in cfg.result_diff(stored, ignore=EXTENDABLE_FIELDS).items()]
+    have_extra = state.get("result_extra") or {}
+    if have_extra != (extra or {}):
+        out.append(f"inputs: checkpoint has {have_extra!r}, this run has {extra or {}!r}")
+    step = int(state.get("step", 0))
+    if step > cfg.steps:
+        out.append(f"steps: the checkpoint is at step {step}, past this run's steps={cfg.steps}")
+    return out
+
+
+def _supersede(out_dir: Path) -> Path | None:
+    """``--fresh``: move the checkpoints, pointer and log of ``out_dir`` into
+    ``out_dir/superseded-<time>/`` (kept, never deleted) so a new run starts there."""
+    names = [p for p in out_dir.iterdir() if p.name.startswith((ckpt_mod.PREFIX, ".ckpt-"))
+             or p.name in (ckpt_mod.LATEST, LOG_NAME)]
+    if not names:
+        return None
+    import secrets
+
+    dest = out_dir / f"{SUPERSEDED_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    dest.mkdir()
+    for p in names:
+        p.rename(dest / p.name)
+    return dest
+
+
+def _replay_log(tracker: Any, rows: Sequence[dict[str, Any]]) -> None:
+    """Log the curve of the resumed steps on this run's tracker (so every run carries
+    the full curves of the checkpoint it reports)."""
+    for row in rows:
+        vals = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))
+                and not isinstance(v, bool)}
+        if vals:
+            tracker.log_metrics(vals, step=int(row.get("step", 0)))
+
+
 def train(cfg: TrainConfig, tracker: Any = None, *, model: Any = None, tokenizer: Any = None,
-          accelerator: Any = None, task: Any = None) -> TrainResult:
+          accelerator: Any = None, task: Any = None,
+          fingerprint_extra: dict[str, Any] | None = None) -> TrainResult:
     """Run ``cfg.steps`` training steps (resuming when ``cfg.resume``); see :class:`Trainer`.
 
     Logs every step to ``<output_dir>/metrics.jsonl`` and ``tracker.log_metrics``
     (default ``tracking.active()``); checkpoints every ``checkpoint_every`` steps and
     at the end. The aha onset (see :mod:`metastone_lab.training.aha`) is logged as
     the metric ``aha_onset_step`` and the tag ``metastone.aha_onset_step``.
+
+    Resuming: a checkpoint is continued only if every result field of ``cfg``
+    (all but :data:`~metastone_lab.training.config.BOOKKEEPING_FIELDS`; ``steps`` may
+    grow) and ``fingerprint_extra`` (what else identifies the inputs, e.g. a
+    tiny-family backbone's options) equal those that wrote it; otherwise
+    ``ConfigError`` names the differing keys. ``cfg.fresh`` moves existing
+    checkpoints aside and starts over. The params and the curves up to the resumed
+    step are logged on ``tracker`` too, so every run records the config and the
+    curves of the weights it reports.
     """
     from .. import tracking
 
     tracker = tracker if tracker is not None else tracking.active()
     out_dir = Path(cfg.output_dir)
     existing = ckpt_mod.find_resume_checkpoint(out_dir) if out_dir.exists() else None
+    if existing is not None and cfg.fresh:
+        _supersede(out_dir)
+        existing = None
     if existing is not None and not cfg.resume:
         raise ConfigError(
             f"output_dir {str(out_dir)!r} already holds checkpoint {existing.name}; set "
-            f"resume: true to continue it, or choose a new output_dir")
+            f"resume: true (--resume) to continue it, fresh: true (--fresh) to start over "
+            f"(the old checkpoints move to {SUPERSEDED_PREFIX}*/), or choose a new output_dir")
+    if existing is not None:
+        why = resume_mismatch(existing, cfg, fingerprint_extra)
+        if why:
+            raise ConfigError(
+                f"cannot resume {str(existing)!r}: it was written by a different config "
+                f"({'; '.join(why)}). Continuing it would report its weights under this "
+                f"config. Resume with the config that wrote it (its state.json 'config'), or "
+                f"start over with --fresh (fresh: true; the old checkpoints move to "
+                f"{SUPERSEDED_PREFIX}*/) or another output_dir")
     t = Trainer(cfg, model=model, tokenizer=tokenizer, accelerator=accelerator, task=task)
+    t.fingerprint_extra = dict(fingerprint_extra or {})
     main = t.acc.is_main_process
     log = JsonlLog(out_dir / LOG_NAME)
     start = 0
@@ -580,10 +658,15 @@ def train(cfg: TrainConfig, tracker: Any = None, *, model: Any = None, tokenizer
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         log.truncate_after(start)
+        # every run logs the config of the weights it reports (on resume: equal to the
+        # checkpoint's in every result field, checked above)
+        tracker.log_params({**cfg.to_dict(), "param_counts": t.param_counts})
         if start == 0:
-            tracker.log_params({**cfg.to_dict(), "param_counts": t.param_counts})
             if log.path.exists():
                 log.path.unlink()  # a fresh run (no checkpoint to resume): start a new curve
+        else:
+            _replay_log(tracker, [r for r in log.read() if int(r.get("step", 0)) <= start])
+            tracker.set_tags({RESUMED_TAG: str(existing)})
     t.acc.wait_for_everyone()
     last: dict[str, Any] = {}
     evals = [dict(step=s, eval_auroc=a) for s, a in t.aha.history]
