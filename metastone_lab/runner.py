@@ -23,6 +23,26 @@ Root: ``$METASTONE_LAB_HOME`` if set, else the nearest folder above the spec
 holding ``pyproject.toml`` or ``.git``, else the cwd. Notebooks run with that as
 their working directory; outputs go to ``<root>/runs/<spec>/``.
 
+OUTPUT LAYOUT (nothing a run wrote is ever overwritten by a later run)
+----------------------------------------------------------------------
+::
+
+    runs/<spec>/<point>/<run-id>/        one folder per execution of the point
+        <point>.ipynb                    the executed notebook
+        summary.json, run.json           the notebook's summary; the runner's record
+        traceback.txt, tracking_spool/   (failed run; tracking outage)
+        train -> ../train                the point's training checkpoints (symlink)
+    runs/<spec>/<point>/latest           -> the newest <run-id> (a symlink, or a
+                                         LATEST text file where symlinks fail)
+    runs/<spec>/<point>/train/cfg-<fingerprint>/   training checkpoints, one folder
+                                         per training config (StudyConfig.train_config):
+                                         a retried point resumes ITS config only
+    runs/<spec>/<point>.unlogged.json    a run finished offline, for --resume
+    runs/<spec>/_sweeps/<sweep-id>/      summary.json + status.json of each invocation
+    runs/<spec>/summary.json, status.json   copies of the newest sweep's
+
+``<run-id>`` / ``<sweep-id>`` are ``YYYYmmdd-HHMMSS-<6 hex>``.
+
 NOTEBOOK CONTRACT (what the runner injects)
 -------------------------------------------
 The runner validates every user parameter against the notebook's cell tagged
@@ -36,7 +56,9 @@ them*, these reserved names (which specs may not set)::
     tracking_uri = None          # str: the MLflow URI the runner uses
     spec_name = None             # str: spec name
     point_name = None            # str: e.g. "aggregator-min_seed-1"
-    output_dir = None            # str: absolute path runs/<spec>/<point>/ (exists)
+    output_dir = None            # str: absolute path runs/<spec>/<point>/<run-id>/ (exists,
+                                 #      new for every run; its train/ is the point's shared
+                                 #      checkpoint folder)
 
 The notebook opens its tracker right after the parameters cell::
 
@@ -53,18 +75,21 @@ terminates it) and, if the server dies, spools to ``<output_dir>/tracking_spool`
 Interactively (all reserved names None) it starts and owns a fresh run.
 
 After the notebook, the runner logs on the child run: params (all point params),
-the executed notebook ``runs/<spec>/<point>.ipynb`` (artifact ``notebook/``),
+the executed notebook ``<run dir>/<point>.ipynb`` (artifact ``notebook/``),
 ``summary.json`` and its numeric values as metrics (names via
 ``tracking.metric_key``: ``pass@1`` -> ``pass_at_1``), then marks it FINISHED,
 or FAILED with ``traceback.txt`` if the notebook raised (the executed notebook,
 with the traceback, is kept). The parent run gets the mean of each numeric
-summary value over the successful points (for one point: the same values) and
-``runs/<spec>/summary.json`` (one point: that point's summary; several:
-``{"spec", "points": {name: {...}}, "mean": {...}}``).
+summary value over the successful points (for one point: the same values) and the sweep's
+``summary.json`` (one point: that point's summary; several:
+``{"spec", "points": {name: {...}}, "mean": {...}}``), written to
+``runs/<spec>/_sweeps/<sweep-id>/`` and copied to ``runs/<spec>/summary.json``.
+Points not run by this invocation contribute their newest successful run.
 
 Tracking outage: if a tracking call fails mid-sweep the runner warns, keeps
 running the remaining points offline (``mlflow_run_id="offline"``), and writes
-``runs/<spec>/<point>.unlogged.json`` for each point it could not log. Before
+``runs/<spec>/<point>.unlogged.json`` (naming the run folder) for each point it
+could not log. Before
 each later point it probes the server again. ``--resume`` logs those points
 from disk (params, spool, notebook, summary) without re-running them, skips
 points FINISHED in MLflow (same spec, point name and parameter hash), and runs
@@ -82,6 +107,8 @@ import json
 import math
 import os
 import re
+import secrets
+import shutil
 import sys
 import time
 import warnings
@@ -287,6 +314,43 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+LATEST_LINK, LATEST_FILE, RUN_RECORD, SWEEPS_DIR, TRAIN_DIR = (
+    "latest", "LATEST", "run.json", "_sweeps", "train")
+
+
+def new_run_id() -> str:
+    """``YYYYmmdd-HHMMSS-<6 hex>``: sorts by start time, unique without coordination."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def set_latest(folder: Path, name: str) -> None:
+    """Point ``folder/latest`` at ``folder/name``: a relative symlink replaced
+    atomically, or (where symlinks fail) the text file ``folder/LATEST``."""
+    link = folder / LATEST_LINK
+    tmp = folder / f".{LATEST_LINK}.{secrets.token_hex(4)}"
+    try:
+        os.symlink(name, tmp, target_is_directory=True)
+        os.replace(tmp, link)
+        (folder / LATEST_FILE).unlink(missing_ok=True)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        from .io_utils import atomic_write_text
+
+        atomic_write_text(folder / LATEST_FILE, name + "\n")
+
+
+def latest_dir(folder: Path) -> Path | None:
+    """The folder ``folder/latest`` (or ``folder/LATEST``) points at, if it exists."""
+    link = folder / LATEST_LINK
+    if link.is_symlink() or link.is_dir():
+        return link.resolve() if link.resolve().is_dir() else None
+    try:
+        name = (folder / LATEST_FILE).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return folder / name if name and (folder / name).is_dir() else None
+
+
 class _Sweep:
     """State of one ``run`` invocation (parent run, outage flag, per-point results)."""
 
@@ -294,6 +358,7 @@ class _Sweep:
                  uri: str, declared: dict, resume: bool):
         self.spec, self.notebook, self.root, self.uri = spec, notebook, root, uri
         self.out = runs_dir / spec.name
+        self.sweep_id = new_run_id()
         self.declared = declared
         self.resume = resume
         self.offline = False
@@ -388,14 +453,54 @@ class _Sweep:
         return done  # type: ignore[return-value]
 
     # ------------------------------------------------------------- points --
-    def paths(self, p: Point) -> tuple[Path, Path, Path]:
-        return (self.out / f"{p.name}.ipynb", self.out / p.name,
-                self.out / f"{p.name}.unlogged.json")
+    def point_dir(self, p: Point) -> Path:
+        return self.out / p.name
 
-    def log_point(self, p: Point, run_id: str | None, status: str, error: str | None) -> str:
+    def unlogged_path(self, p: Point) -> Path:
+        return self.out / f"{p.name}.unlogged.json"
+
+    def notebook_path(self, p: Point, run_dir: Path) -> Path:
+        return run_dir / f"{p.name}.ipynb"
+
+    def new_run_dir(self, p: Point) -> Path:
+        """A new ``runs/<spec>/<point>/<run-id>/`` with ``train -> ../train`` (the
+        point's checkpoints, shared by its runs; kept per run if symlinks fail), made
+        the point's ``latest``."""
+        pdir = self.point_dir(p)
+        (pdir / TRAIN_DIR).mkdir(parents=True, exist_ok=True)
+        while True:
+            run_dir = pdir / new_run_id()
+            try:
+                run_dir.mkdir()
+                break
+            except FileExistsError:
+                continue
+        try:
+            os.symlink(os.path.join("..", TRAIN_DIR), run_dir / TRAIN_DIR,
+                       target_is_directory=True)
+        except OSError:
+            pass
+        set_latest(pdir, run_dir.name)
+        return run_dir
+
+    def last_ok_run(self, p: Point) -> Path | None:
+        """The point's newest run folder whose record says it succeeded."""
+        pdir = self.point_dir(p)
+        if not pdir.is_dir():
+            return None
+        for d in sorted((c for c in pdir.iterdir() if c.is_dir() and not c.is_symlink()),
+                        key=lambda c: c.name, reverse=True):
+            rec = _read_json(d / RUN_RECORD)
+            if rec is not None and rec.get("status") == "ok":
+                return d
+        return None
+
+    def log_point(self, p: Point, run_id: str | None, status: str, error: str | None,
+                  run_dir: Path) -> str:
         """Log a finished point's files on its child run (creating it if needed)."""
         be = self.backend
-        nb_out, out_dir, unlogged = self.paths(p)
+        out_dir, unlogged = run_dir, self.unlogged_path(p)
+        nb_out = self.notebook_path(p, run_dir)
         if run_id is None:
             run_id = be.create_run(self.spec.experiment_name, p.name, self._point_tags(p))
         else:
@@ -414,22 +519,19 @@ class _Sweep:
                                   for k, v in _numeric(summary).items()])
         if error:
             tb_file = out_dir / "traceback.txt"
-            tb_file.write_text(error, encoding="utf-8")
+            if not tb_file.is_file():
+                tb_file.write_text(error, encoding="utf-8")
             be.log_artifact(run_id, tb_file, None)
         be.terminate(run_id, "FINISHED" if status == "ok" else "FAILED")
         unlogged.unlink(missing_ok=True)
         return run_id
 
     def execute(self, p: Point) -> dict:
-        """Run one point; return its result record."""
+        """Run one point in a new run folder; return its result record."""
         import papermill as pm
 
-        nb_out, out_dir, unlogged = self.paths(p)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "summary.json").unlink(missing_ok=True)
-        spool = tracking.spool_dir_for(out_dir)
-        for f in ("ops.jsonl", "ops.replayed.jsonl"):
-            (spool / f).unlink(missing_ok=True)
+        out_dir = self.new_run_dir(p)
+        nb_out, unlogged = self.notebook_path(p, out_dir), self.unlogged_path(p)
         run_id = None
         if self._try_online():
             try:
@@ -454,21 +556,27 @@ class _Sweep:
             error = (f"{type(e).__name__}: {e}\n" if not hasattr(e, "traceback")
                      else f"{e.ename}: {e.evalue}\n" + "\n".join(e.traceback))
         wall = time.monotonic() - t0
+        if error:
+            (out_dir / "traceback.txt").write_text(error, encoding="utf-8")
         summary = _read_json(out_dir / "summary.json") if status == "ok" else None
+        record = {"point": p.name, "index": p.index, "status": status, "run_id": run_id,
+                  "params_hash": p.params_hash, "wall_seconds": wall, "time": time.time(),
+                  "sweep_id": self.sweep_id}
+        atomic_write_json(out_dir / RUN_RECORD, record)
         logged = False
         if run_id is not None and not self.offline:
             try:
-                self.log_point(p, run_id, status, error)
+                self.log_point(p, run_id, status, error, out_dir)
                 logged = True
             except TrackingError as e:
                 self._go_offline(e)
         if not logged:
             atomic_write_json(unlogged, {
-                "point": p.name, "index": p.index, "status": status, "run_id": run_id,
-                "params_hash": p.params_hash, "error": error, "wall_seconds": wall,
-                "reason": f"tracking store {self.uri} unreachable", "time": time.time()})
+                **record, "run_dir": out_dir.name, "error": error,
+                "reason": f"tracking store {self.uri} unreachable"})
         return {"point": p.name, "status": status, "run_id": run_id, "logged": logged,
-                "summary": summary, "error": error, "wall_seconds": wall}
+                "summary": summary, "error": error, "wall_seconds": wall,
+                "run_dir": str(out_dir), "notebook": str(nb_out)}
 
     def log_from_disk(self, p: Point, rec: dict) -> dict | None:
         """--resume: log an unlogged successful point from disk; None if it must re-run."""
@@ -479,23 +587,42 @@ class _Sweep:
                 except TrackingError:
                     pass
             return None
-        summary = _read_json(self.paths(p)[1] / "summary.json")
+        run_dir = self.point_dir(p) / str(rec.get("run_dir") or "")
+        if not rec.get("run_dir") or not run_dir.is_dir():
+            return None  # the run's folder is gone: run the point again
+        summary = _read_json(run_dir / "summary.json")
+        where = {"run_dir": str(run_dir), "notebook": str(self.notebook_path(p, run_dir))}
         try:
-            run_id = self.log_point(p, rec.get("run_id"), "ok", None)
+            run_id = self.log_point(p, rec.get("run_id"), "ok", None, run_dir)
         except TrackingError as e:
             self._go_offline(e)
             return {"point": p.name, "status": "ok", "run_id": rec.get("run_id"),
-                    "logged": False, "summary": summary, "error": None}
+                    "logged": False, "summary": summary, "error": None, **where}
         return {"point": p.name, "status": "ok", "run_id": run_id, "logged": True,
-                "summary": summary, "error": None, "resumed_from_disk": True}
+                "summary": summary, "error": None, "resumed_from_disk": True, **where}
+
+    def skipped(self, p: Point) -> dict:
+        """--resume: a point FINISHED in MLflow; its newest successful run on disk."""
+        run_dir = self.last_ok_run(p)
+        summary = _read_json(run_dir / "summary.json") if run_dir is not None else None
+        return {"point": p.name, "status": "skipped", "run_id": None, "logged": True,
+                "summary": summary, "error": None,
+                "run_dir": str(run_dir) if run_dir is not None else None}
 
     def finish(self, all_points: list[Point]) -> dict:
-        """Aggregate summaries, write runs/<spec>/summary.json, log the parent."""
+        """Aggregate summaries, write the sweep's summary.json (its own folder
+        ``_sweeps/<sweep-id>/``, copied to ``runs/<spec>/summary.json``), log the parent."""
         summaries = {}
         for p in all_points:
-            s = _read_json(self.paths(p)[1] / "summary.json")
             r = self.results.get(p.name)
-            if s is not None and (r is None or r["status"] in ("ok", "skipped")):
+            if r is not None and r["status"] not in ("ok", "skipped"):
+                continue
+            if r is not None and r.get("run_dir"):
+                s = _read_json(Path(r["run_dir"]) / "summary.json")
+            else:  # not run now: the point's newest successful run
+                d = self.last_ok_run(p)
+                s = _read_json(d / "summary.json") if d is not None else None
+            if s is not None:
                 summaries[p.name] = s
         numeric = [_numeric(s) for s in summaries.values()]
         keys = sorted({k for n in numeric for k in n})
@@ -508,22 +635,27 @@ class _Sweep:
                 p.name: {"status": self.results.get(p.name, {}).get("status", "not run"),
                          "params": p.varying, "summary": summaries.get(p.name)}
                 for p in all_points}}
-        atomic_write_json(self.out / "summary.json", overall)
+        sweep_dir = self.out / SWEEPS_DIR / self.sweep_id
+        atomic_write_json(sweep_dir / "summary.json", overall)
+        shutil.copyfile(sweep_dir / "summary.json", self.out / ".summary.json.tmp")
+        os.replace(self.out / ".summary.json.tmp", self.out / "summary.json")
         failed = any(r["status"] == "failed" for r in self.results.values())
         if self.parent_id is not None and self._try_online():
             try:
                 be, now = self.backend, int(time.time() * 1000)
                 be.log_batch(self.parent_id, [(tracking.metric_key(k), v, 0, now)
                                               for k, v in mean.items()])
-                be.log_artifact(self.parent_id, self.out / "summary.json", None)
+                be.log_artifact(self.parent_id, sweep_dir / "summary.json", None)
                 be.terminate(self.parent_id, "FAILED" if failed else "FINISHED")
             except TrackingError as e:
                 self._go_offline(e)
-        atomic_write_json(self.out / "status.json", {
-            "spec": self.spec.name, "parent_run_id": self.parent_id, "tracking_uri": self.uri,
-            "offline": self.offline,
-            "points": {k: {kk: vv for kk, vv in r.items() if kk != "summary"}
-                       for k, r in self.results.items()}})
+        status = {"spec": self.spec.name, "sweep_id": self.sweep_id,
+                  "parent_run_id": self.parent_id, "tracking_uri": self.uri,
+                  "offline": self.offline,
+                  "points": {k: {kk: vv for kk, vv in r.items() if kk != "summary"}
+                             for k, r in self.results.items()}}
+        atomic_write_json(sweep_dir / "status.json", status)
+        atomic_write_json(self.out / "status.json", status)
         return {"mean": mean, "summaries": summaries}
 
 
@@ -583,20 +715,20 @@ def run_spec(spec_path: str | Path, *, overrides: list[str] = (), only: list[str
     bar = tqdm(points, desc=spec.name, unit="point", disable=not progress, file=sys.stderr)
     for p in bar:
         bar.set_postfix_str(p.name)
-        unlogged = sweep.paths(p)[2]
+        unlogged = sweep.unlogged_path(p)
         result = None
         if resume and unlogged.is_file():
             result = sweep.log_from_disk(p, _read_json(unlogged) or {})
         if result is None and resume and p.params_hash in done.get(p.name, ()):
-            result = {"point": p.name, "status": "skipped", "run_id": None, "logged": True,
-                      "summary": _read_json(sweep.paths(p)[1] / "summary.json"), "error": None}
+            result = sweep.skipped(p)
         if result is None:
             result = sweep.execute(p)
         sweep.results[p.name] = result
         if on_point_done is not None:
             on_point_done(p, result)
         if result["status"] == "failed":
-            print(f"point {p.name} FAILED; notebook kept at {sweep.paths(p)[0]}", file=sys.stderr)
+            print(f"point {p.name} FAILED; notebook kept at {result.get('notebook')}",
+                  file=sys.stderr)
             if fail_fast:
                 break
     bar.close()

@@ -109,11 +109,23 @@ class StudyConfig:
                     segmenter_options=dict(self.segmenter_options), read_at=self.read_at,
                     aggregator=self.aggregator, seed=self.seed,
                     output_dir=str(Path(self.output_dir) / "train"),
-                    # a re-run of the same output_dir (e.g. a sweep point retried after a
-                    # crash) continues from its last complete checkpoint
+                    # a re-run (e.g. a sweep point retried after a crash) continues the last
+                    # complete checkpoint of ITS config only: the directory is keyed by the
+                    # result fingerprint, so any change to a field that changes the result
+                    # trains afresh in another directory (and train() refuses a mismatch)
                     resume=True)
         base.update(self.train)
-        return from_dict(TrainConfig, base, where="StudyConfig.train")
+        tcfg = from_dict(TrainConfig, base, where="StudyConfig.train")
+        tcfg.output_dir = str(Path(tcfg.output_dir)
+                              / f"cfg-{tcfg.result_fingerprint(self.train_identity())}")
+        return tcfg
+
+    def train_identity(self) -> dict:
+        """What identifies the training inputs beyond the :class:`TrainConfig` (passed
+        to ``train`` as ``fingerprint_extra``): the tiny-family backbone options, when
+        set (``TrainConfig.backbone`` names only the family)."""
+        bcfg = backbone_config(self)
+        return {"backbone_config": bcfg.key()} if bcfg is not None else {}
 
     def generate_config(self, k: int, seed_offset: int = 0):
         from .generate import GenerateConfig
@@ -203,7 +215,8 @@ def train_reflective(cfg: StudyConfig, model, tokenizer, tracker=None) -> Traine
         return Trained(rm.eval(), None)
     # The trainer wraps the backbone with LoRA in place; keep the caller's copy clean.
     result = train(tcfg, _TrainParams(tracker) if tracker is not None else None,
-                   model=copy.deepcopy(model), tokenizer=tokenizer)
+                   model=copy.deepcopy(model), tokenizer=tokenizer,
+                   fingerprint_extra=cfg.train_identity())
     return load_trained(result.checkpoint, model, tokenizer, result=result)
 
 
@@ -426,11 +439,15 @@ def cache_content(cfg: StudyConfig) -> dict[str, Any]:
     # prompt_format existed unchanged
     if not cfg.prompt_format:
         study_fields.pop("prompt_format")
-    # segmenter_options / read_at are in study_fields already (the train copy would only
-    # change the key of every entry written before TrainConfig had them)
+    # segmenter_options / read_at / prompt_format / aggregator are in study_fields already
+    # (or read-only); the train copy enters the key only where ``train`` overrides it, so
+    # the key of every entry written before TrainConfig had them is unchanged. Bookkeeping
+    # (where the checkpoints go, resume / fresh) never enters it.
+    study_copy = {"aggregator": cfg.aggregator, "segmenter_options": cfg.segmenter_options,
+                  "read_at": cfg.read_at, "prompt_format": cfg.prompt_format}
     train = {k: v for k, v in cfg.train_config().to_dict().items()
-             if k not in ("output_dir", "resume", "aggregator", "segmenter_options", "read_at",
-                          "prompt_format")}
+             if k not in ("output_dir", "resume", "fresh")
+             and not (k in study_copy and v == study_copy[k])}
     return {"backbone": {"spec": cfg.backbone, "config": bcfg.key() if bcfg else None},
             "study": study_fields, "train": train}
 
@@ -478,6 +495,9 @@ def train_and_evaluate(cfg: StudyConfig, model, tokenizer, tracker=None):
             last_metrics=rec.get("last_metrics") or {})
         result.param_counts = result.param_counts or {}
         if tracker is not None:
+            # the config of the cached result, as a trained run logs it (train.*)
+            _TrainParams(tracker).log_params({**cfg.train_config().to_dict(),
+                                              "param_counts": result.param_counts})
             for row in result.log_rows or []:
                 vals = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))
                         and not isinstance(v, bool)}

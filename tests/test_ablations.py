@@ -114,8 +114,13 @@ def test_cache_key_ignores_aggregator_but_not_what_produces_rollouts():
     assert key(aggregator="min") == base == key(output_dir="elsewhere", cache_dir="x")
     for change in ({"seed": 1}, {"segmenter": "sentence"}, {"train": {"loss": "bce_all_steps"}},
                    {"eval_split": "ood"}, {"k_max": 8}, {"backbone_options": {"hidden_size": 16}},
-                   {"prompt_format": {"style": "chat", "shots": 2}}):
+                   {"prompt_format": {"style": "chat", "shots": 2}},
+                   # a training override of a field the study also has still counts
+                   {"train": {"read_at": "step_token"}}, {"train": {"segmenter_options": {"n": 3}}},
+                   {"train": {"prompt_format": {"shots": 1}}}):
         assert key(**change) != base, change
+    # where the checkpoints go / how a call treats them: not part of what was produced
+    assert key(train={"output_dir": "x", "resume": False, "fresh": True}) == base
 
 
 def test_within_problem_auroc_ranks_inside_each_problem():

@@ -138,7 +138,8 @@ def test_quickstart_and_compare_runs(store, micro_backbone):
     # compare_runs reads that experiment back through search_runs
     _run(store, "nb-compare", "compare_runs.ipynb",
          {"experiment": "nb-quickstart", "metrics": ["pass@1", "bon@2"]})
-    out = nbformat.read(store["home"] / "runs" / "nb-compare" / "default.ipynb", as_version=4)
+    run_dir = runner.latest_dir(store["home"] / "runs" / "nb-compare" / "default")
+    out = nbformat.read(run_dir / "default.ipynb", as_version=4)
     text = json.dumps([c.get("outputs", []) for c in out.cells])
     assert "1 finished runs" in text and "bon@2" in text
 

@@ -38,6 +38,13 @@ def _client(uri):
     return MlflowClient(tracking_uri=uri)
 
 
+def _latest(tmp_path, spec_name, point):
+    """The newest run folder of a point: runs/<spec>/<point>/latest."""
+    d = runner.latest_dir(tmp_path / "runs" / spec_name / point)
+    assert d is not None, f"no latest run folder for {spec_name}/{point}"
+    return d
+
+
 def _runs(uri, spec_name, role):
     c = _client(uri)
     exp = c.get_experiment_by_name(spec_name)
@@ -121,7 +128,7 @@ def test_grid_2x2_against_server_then_resume_skips(tmp_path, mlflow_server):
         name = ch.data.tags[tracking.TAG_POINT]
         assert [x.path for x in c.list_artifacts(ch.info.run_id, "notebook")] == [
             f"notebook/{name}.ipynb"]
-        assert (tmp_path / "runs" / "grid2x2" / f"{name}.ipynb").is_file()
+        assert (_latest(tmp_path, "grid2x2", name) / f"{name}.ipynb").is_file()
         scores.append(a * b)
     assert parent.data.metrics["score"] == pytest.approx(sum(scores) / 4)
     summary = json.loads((tmp_path / "runs" / "grid2x2" / "summary.json").read_text())
@@ -129,7 +136,7 @@ def test_grid_2x2_against_server_then_resume_skips(tmp_path, mlflow_server):
     assert set(summary["points"]) == {"a-1_b-0.5", "a-1_b-1", "a-2_b-0.5", "a-2_b-1"}
 
     # --resume: everything is FINISHED in MLflow -> nothing executes, no new runs
-    nb = tmp_path / "runs" / "grid2x2" / "a-1_b-0.5.ipynb"
+    nb = _latest(tmp_path, "grid2x2", "a-1_b-0.5") / "a-1_b-0.5.ipynb"
     mtime = nb.stat().st_mtime_ns
     rep2 = _run(spec, tmp_path, uri, resume=True)
     assert rep2["exit_code"] == 0
@@ -153,7 +160,7 @@ def test_unreachable_server_fails_fast_before_running(tmp_path):
     with pytest.raises(tracking.TrackingError, match=f"127.0.0.1:{port}.*not reachable"):
         _run(spec, tmp_path, f"http://127.0.0.1:{port}")
     assert time.monotonic() - t0 < 10
-    assert not list((tmp_path / "runs" / "dead").glob("*.ipynb"))
+    assert not list((tmp_path / "runs" / "dead").rglob("*.ipynb"))
 
 
 # ------------------------------------------------------------ failure + resume --
@@ -164,8 +171,9 @@ def test_failing_point_is_failed_kept_and_resume_reruns_it(tmp_path):
     spec = _spec(tmp_path, "failing", parameters={"fail_if_exists": str(marker)})
     rep = _run(spec, tmp_path, uri)
     assert rep["exit_code"] == 1
-    nb = tmp_path / "runs" / "failing" / "default.ipynb"
+    nb = _latest(tmp_path, "failing", "default") / "default.ipynb"
     assert "requested failure" in nb.read_text()  # executed notebook with the traceback kept
+    assert "requested failure" in (nb.parent / "traceback.txt").read_text()
     (child,) = _runs(uri, "failing", "point")
     assert child.info.status == "FAILED"
     c = _client(uri)
@@ -181,6 +189,12 @@ def test_failing_point_is_failed_kept_and_resume_reruns_it(tmp_path):
     assert statuses == ["FAILED", "FINISHED"]
     assert len(_runs(uri, "failing", "sweep")) == 1  # the sweep run was resumed
     assert _runs(uri, "failing", "sweep")[0].info.status == "FINISHED"
+    # the re-run has its own folder: the failed run's notebook is still there, unchanged
+    assert _latest(tmp_path, "failing", "default") != nb.parent
+    assert "requested failure" in nb.read_text()
+    assert sorted(json.loads((d / "run.json").read_text())["status"]
+                  for d in nb.parent.parent.iterdir()
+                  if (d / "run.json").is_file() and not d.is_symlink()) == ["failed", "ok"]
     # single-point spec: runs/<spec>/summary.json is the point's summary
     summ = json.loads((tmp_path / "runs" / "failing" / "summary.json").read_text())
     assert summ["score"] == pytest.approx(0.5) and summ["aha_onset_step"] is None
@@ -255,21 +269,25 @@ def test_outage_mid_sweep_keeps_results_and_resume_logs_them(tmp_path, mlflow_se
         out = tmp_path / "runs" / "outage"
         assert rep["points"]["a-1"]["logged"] and not rep["points"]["a-2"]["logged"]
         for name in ("a-1", "a-2"):  # nothing finished is lost
-            assert (out / name / "summary.json").is_file() and (out / f"{name}.ipynb").is_file()
+            run = _latest(tmp_path, "outage", name)
+            assert (run / "summary.json").is_file() and (run / f"{name}.ipynb").is_file()
         assert not (out / "a-1.unlogged.json").exists()
         mark = json.loads((out / "a-2.unlogged.json").read_text())
         assert mark["status"] == "ok" and uri in mark["reason"]
-        assert (out / "a-2" / tracking.SPOOL_DIRNAME / "ops.jsonl").is_file()  # notebook spooled
+        run2 = _latest(tmp_path, "outage", "a-2")
+        assert mark["run_dir"] == run2.name
+        assert (run2 / tracking.SPOOL_DIRNAME / "ops.jsonl").is_file()  # notebook spooled
         status = json.loads((out / "status.json").read_text())
         assert status["offline"] is True
-        mtime = (out / "a-2.ipynb").stat().st_mtime_ns
+        mtime = (run2 / "a-2.ipynb").stat().st_mtime_ns
 
         proxy.start()  # the server is back (same port)
         rep2 = _run(spec, tmp_path, uri, resume=True)
         assert rep2["exit_code"] == 0
         assert rep2["points"]["a-1"]["status"] == "skipped"
         assert rep2["points"]["a-2"].get("resumed_from_disk") is True
-        assert (out / "a-2.ipynb").stat().st_mtime_ns == mtime  # not re-executed
+        assert (run2 / "a-2.ipynb").stat().st_mtime_ns == mtime  # not re-executed
+        assert _latest(tmp_path, "outage", "a-2") == run2  # no new run folder
         assert not (out / "a-2.unlogged.json").exists()
     finally:
         if proxy.httpd is not None:

@@ -85,3 +85,72 @@ def test_train_then_reload_from_checkpoint(micro, tmp_path):
         assert a.equal(b)
     with pytest.raises(ConfigError, match="not a training checkpoint"):
         study.load_trained(tmp_path, model, tok)
+
+
+# ------------------------------------------- re-running a point (runner + quickstart) --
+def test_rerun_with_changed_train_key_trains_afresh_and_keeps_the_earlier_run(micro, tmp_path):
+    """The quickstart re-run with one training key changed (filter_warmup_steps, as in
+    the user report) must train (not resume the other config's checkpoint), log the
+    train.* params of the checkpoint it reports and its curves, and leave the first
+    run's executed notebook and summary where they were."""
+    import json
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from metastone_lab import runner, tracking
+    from metastone_lab.config import flatten
+
+    repo = Path(__file__).resolve().parents[1]
+    params = {"backbone": micro, "train_mode": "head_only", "train_steps": 2,
+              "filter_warmup_steps": 2, "k_max": 2, "n_test": 2, "n_val": 2, "val_k": 2,
+              "max_new_tokens": 16, "train": {"n": 2, "prompts_per_step": 1, "eval_every": 0}}
+    spec = tmp_path / "rerun.yaml"
+    spec.write_text(yaml.safe_dump({"name": "rerun", "notebook": "notebooks/quickstart.ipynb",
+                                    "parameters": params}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = tmp_path / "runs"
+
+    def run(*overrides):
+        rep = runner.run_spec(spec, root=repo, runs_dir=runs, tracking_uri=uri, progress=False,
+                              overrides=list(overrides))
+        assert rep["exit_code"] == 0, {k: r.get("error") for k, r in rep["points"].items()}
+        return runner.latest_dir(runs / "rerun" / "default")
+
+    first = run()
+    nb1, summary1 = first / "default.ipynb", first / "summary.json"
+    nb1_bytes, summary1_bytes = nb1.read_bytes(), summary1.read_bytes()
+    second = run("filter_warmup_steps=0")
+
+    # nothing of the first run was overwritten
+    assert second != first
+    assert nb1.read_bytes() == nb1_bytes and summary1.read_bytes() == summary1_bytes
+    sweeps = sorted((runs / "rerun" / runner.SWEEPS_DIR).iterdir())
+    assert len(sweeps) == 2 and (sweeps[0] / "summary.json").read_bytes() == summary1_bytes
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("rerun")
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.`{tracking.TAG_ROLE}` = 'point'",
+                                  order_by=["attributes.start_time ASC"])
+    assert [c.data.params["filter_warmup_steps"] for c in children] == ["2", "0"]
+    states = {f: json.loads(f.read_text())
+              for f in (runs / "rerun" / "default" / "train").rglob("ckpt-*/state.json")}
+    for child, warmup in zip(children, (2, 0)):
+        # the checkpoint this run reports was trained with this run's warm-up
+        mine = [f for f, st in states.items() if st["config"]["filter_warmup_steps"] == warmup]
+        assert len(mine) == 1, (f"no checkpoint trained with filter_warmup_steps={warmup}: "
+                                f"{ {str(f): st['config']['filter_warmup_steps'] for f, st in states.items()} }")
+        state, ckpt_dir = states[mine[0]], mine[0].parent.parent
+        assert state["step"] == 2
+        # training actually ran: both steps in the log and on the run's curves
+        rows = [json.loads(x) for x in (ckpt_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2]
+        hist = client.get_metric_history(child.info.run_id, "spr_loss")
+        assert sorted(m.step for m in hist) == [1, 2]
+        # the logged train.* params are the checkpoint's config
+        want = tracking._flatten_params({f"train.{k}": v
+                                         for k, v in flatten(state["config"]).items()})
+        got = {k: v for k, v in child.data.params.items()
+               if k.startswith("train.") and not k.startswith("train.param_counts")}
+        assert got == want
