@@ -429,8 +429,13 @@ def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
     T = cfg.max_new_tokens
     feed_last = score and _needs_last_hidden(cfg.read_at)
     mode = resolve_head_mode(cfg, int(getattr(model, "hidden_size", 0) or 0), P) if score else ""
+    conf_head = score and bool(getattr(model, "uses_confidence", False))
+    if conf_head:
+        # the confidence head reads per-step token stats: keep the features until the
+        # step mask is known (deferred), and record the stats it needs
+        mode = "deferred"
     fl = getattr(model, "feature_layer", -2)
-    stats = cfg.capture_token_stats
+    stats = cfg.capture_token_stats or conf_head
     prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     cache_kw = _cache_kw(backbone)
     out = backbone(input_ids=prompt, use_cache=True, output_hidden_states=score,
@@ -558,7 +563,17 @@ def finish_chunk(model: Any, chunk: _Chunk, tokenizer: Any, cfg: GenerateConfig,
         head = torch.full(mask.shape, float("nan"), dtype=torch.float32, device=mask.device)
         if mask.any():
             f = chunk.feats[mask]                                        # (n_steps, C)
-            head[mask] = model.head_logits(scale_grad(f, model.grad_scale))
+            if getattr(model, "uses_confidence", False):
+                if chunk.tok_logprob is None:
+                    raise RuntimeError("the confidence head needs the decoder's token stats "
+                                       "(please report this bug)")
+                st = torch.stack([chunk.tok_logprob, chunk.tok_self_certainty,
+                                  chunk.tok_confidence])                # (3, R, L)
+                head[mask] = model.masked_head_logits(
+                    scale_grad(chunk.feats, model.grad_scale), mask, stats=st,
+                    response_start=prompt_len)
+            else:
+                head[mask] = model.head_logits(scale_grad(f, model.grad_scale))
         chunk.head = head
         chunk.feats = None
     return mask
@@ -710,7 +725,6 @@ def reforward_scores(model: Any, tokenizer: Any, sequences: Sequence[Sequence[in
         for b in range(0, len(sequences), batch_size):
             batch = [list(s) for s in sequences[b:b + batch_size]]
             ids, attn, lens = pad_right(batch, pad_id, device)
-            res = model(ids, attention_mask=attn)
             plen = None
             if prompt_lens is not None:
                 pl = set(prompt_lens[b:b + batch_size])
@@ -726,6 +740,12 @@ def reforward_scores(model: Any, tokenizer: Any, sequences: Sequence[Sequence[in
                     mask = _step_mask(ids, lens, tokenizer, cfg, plen)
             else:
                 mask = _step_mask(ids, lens, tokenizer, cfg, None)
+            if getattr(model, "uses_confidence", False):
+                starts = torch.tensor(list(prompt_lens[b:b + batch_size]) if prompt_lens
+                                      is not None else [0] * len(batch))
+                res = model(ids, attention_mask=attn, step_mask=mask, response_start=starts)
+            else:
+                res = model(ids, attention_mask=attn)
             for i in range(len(batch)):
                 pos = mask[i].nonzero().squeeze(-1)
                 lg = res.step_logits[i, pos].float()

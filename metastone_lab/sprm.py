@@ -233,6 +233,10 @@ class ReflectiveModel(nn.Module):
             -1 is the final normed layer).
         grad_scale: backbone gradient scale through the features (1e-4 reference;
             0 = detach; 1 = full).
+        head_inputs: ``"hidden"`` (the reference: the head reads the hidden state) or
+            ``"hidden+confidence"`` (a named deviation: the hidden state plus the
+            policy's confidence in the step's tokens, :mod:`metastone_lab.confidence`;
+            the head then needs the step mask, which training and the engine know).
     """
 
     def __init__(
@@ -243,13 +247,22 @@ class ReflectiveModel(nn.Module):
         grad_scale: float = 1e-4,
         head_width_mult: float = 2.0,
         head_dropout: float = 0.5,
+        head_inputs: str = "hidden",
     ):
         super().__init__()
+        from .confidence import HEAD_INPUTS, N_CONFIDENCE
+
+        if head_inputs not in HEAD_INPUTS:
+            raise ConfigError(f"ReflectiveModel: head_inputs={head_inputs!r}; choose one of "
+                              f"{', '.join(HEAD_INPUTS)}")
+        self.head_inputs = head_inputs
         if not 0.0 <= float(grad_scale) <= 1.0:
             raise ConfigError(f"ReflectiveModel: grad_scale must be in [0, 1], got {grad_scale!r}")
         self.backbone = backbone
         cfg = backbone_config(backbone)
         self._hidden_size = int(cfg.hidden_size)
+        self._vocab_size = int(getattr(cfg, "vocab_size", 0) or 0)
+        self._head_in = self._hidden_size + (N_CONFIDENCE if self.uses_confidence else 0)
         n_layers = getattr(cfg, "num_hidden_layers", None)
         if n_layers is not None and not -(n_layers + 1) <= feature_layer <= n_layers:
             raise ConfigError(
@@ -258,17 +271,18 @@ class ReflectiveModel(nn.Module):
                 f"(penultimate) or an index in [-{n_layers + 1}, {n_layers}]"
             )
         if head is None:
-            head = SPRMHead(self._hidden_size, width_mult=head_width_mult, dropout=head_dropout)
+            head = SPRMHead(self._head_in, width_mult=head_width_mult, dropout=head_dropout)
             ref = next(iter(backbone.parameters()), None)
             if ref is not None:
                 head = head.to(device=ref.device)
         head_in = getattr(head, "hidden_size", None)
         if head_in is None and isinstance(head, nn.Sequential) and isinstance(head[0], nn.Linear):
             head_in = head[0].in_features
-        if head_in is not None and head_in != self._hidden_size:
+        if head_in is not None and head_in != self._head_in:
             raise ShapeError(
-                f"SPRM head width {head_in} does not match the backbone hidden size "
-                f"{self._hidden_size}; build/load the head with hidden_size={self._hidden_size}"
+                f"SPRM head width {head_in} does not match the head input size "
+                f"{self._head_in} (backbone hidden size {self._hidden_size}, head_inputs="
+                f"{head_inputs!r}); build/load the head with hidden_size={self._head_in}"
             )
         self.head = head
         self.feature_layer = feature_layer
@@ -277,6 +291,41 @@ class ReflectiveModel(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self._hidden_size
+
+    @property
+    def uses_confidence(self) -> bool:
+        """True when the head also reads the policy-confidence features."""
+        return self.head_inputs == "hidden+confidence"
+
+    @property
+    def head_input_size(self) -> int:
+        """Width of the head's input: C, or C + ``confidence.N_CONFIDENCE``."""
+        return self._head_in
+
+    def masked_head_logits(self, features: torch.Tensor, mask: torch.Tensor, *,
+                           logits: torch.Tensor | None = None,
+                           input_ids: torch.Tensor | None = None,
+                           stats: torch.Tensor | None = None,
+                           response_start: torch.Tensor | int = 0) -> torch.Tensor:
+        """Head logits (N,) at the N positions where ``mask`` (B, L) is True.
+
+        ``features`` (B, L, C) (already gradient-scaled). With the confidence head the
+        step's token stats come from ``stats`` (3, B, L) (recorded by the decoder) or
+        are computed from the LM ``logits`` (B, L, V) of ``input_ids`` (B, L); they are
+        read from ``response_start`` (B,) or int on (see :mod:`metastone_lab.confidence`).
+        """
+        picked = features[mask]                                          # (N, C)
+        if self.uses_confidence:
+            from .confidence import stats_from_logits, step_features
+
+            if stats is None:
+                if logits is None or input_ids is None:
+                    raise ConfigError("the hidden+confidence head needs the LM logits and "
+                                      "input_ids (or the decoder's token stats)")
+                stats = stats_from_logits(logits, input_ids)
+            conf = step_features(stats, mask, response_start, self._vocab_size)
+            picked = torch.cat([picked, conf.to(device=picked.device, dtype=picked.dtype)], -1)
+        return self.head_logits(picked)
 
     @property
     def config(self) -> Any:
@@ -309,8 +358,13 @@ class ReflectiveModel(nn.Module):
         return self.head_logits(self.features_from_hidden(hidden_states))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                **kw: Any) -> ReflectiveOutput:
-        """Run the backbone once; ``input_ids`` (B, L) -> :class:`ReflectiveOutput`."""
+                step_mask: torch.Tensor | None = None,
+                response_start: torch.Tensor | int = 0, **kw: Any) -> ReflectiveOutput:
+        """Run the backbone once; ``input_ids`` (B, L) -> :class:`ReflectiveOutput`.
+
+        ``step_mask`` (B, L) bool: when given, ``step_logits`` holds the head only at its
+        True positions (0 elsewhere). The confidence head requires it (its features
+        are per step); ``response_start`` then says where each response begins."""
         if input_ids.dim() != 2:
             raise ShapeError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -322,7 +376,17 @@ class ReflectiveModel(nn.Module):
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                             output_hidden_states=True, **kw)
         features = self.features_from_hidden(out.hidden_states)
-        step_logits = self.head_logits(features)
+        if step_mask is None and self.uses_confidence:
+            raise ConfigError("ReflectiveModel(head_inputs='hidden+confidence') scores steps, "
+                              "not every position: pass step_mask= (and response_start=)")
+        if step_mask is None:
+            step_logits = self.head_logits(features)
+        else:
+            mask = step_mask.bool()
+            picked = self.masked_head_logits(features, mask, logits=out.logits,
+                                             input_ids=input_ids, response_start=response_start)
+            step_logits = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device)
+            step_logits = step_logits.masked_scatter(mask, picked)
         return ReflectiveOutput(
             logits=out.logits,
             step_logits=step_logits,

@@ -474,3 +474,92 @@ def test_rollout_cache_keeps_token_stats_and_loads_old_entries():
             del r[key]
     old = samples_from_json(rows)[0].trajectories[1]
     assert old.token_logprobs == [] and old.signals == {} and old.token_ids == [5]
+
+
+# ------------------------------------------------- the hidden+confidence head
+@pytest.fixture(scope="module")
+def conf_model(tok):
+    """The micro model with the confidence head (a named deviation, confidence.py)."""
+    from metastone_lab.sprm import ReflectiveModel
+
+    base = make_model(tok, seed=2)
+    torch.manual_seed(5)
+    m = ReflectiveModel(base.backbone, head_inputs="hidden+confidence")
+    with torch.no_grad():
+        m.head[0].weight.mul_(20.0)
+    return m.eval()
+
+
+def test_confidence_step_features_by_hand():
+    from metastone_lab.confidence import N_CONFIDENCE, step_features
+
+    nan = float("nan")
+    lp = torch.tensor([[nan, nan, -1.0, -0.5, -2.0, -0.1, -0.3]])
+    sc = torch.tensor([[nan, nan, 2.0, 4.0, 1.0, 3.0, 3.0]])
+    cf = torch.tensor([[nan, nan, 5.0, 6.0, 4.0, 7.0, 8.0]])
+    stats = torch.stack([lp, sc, cf])                       # (3, 1, 7)
+    mask = torch.tensor([[False, False, False, True, False, False, True]])
+    V = 100
+    f = step_features(stats, mask, 2, V)
+    assert f.shape == (2, N_CONFIDENCE)
+    logv = math.log(V)
+    # step 1 = tokens 2..3, step 2 = tokens 4..6
+    want = torch.tensor([[-0.5, -1.0, -0.75, 3.0 / logv, 5.0 / logv],
+                         [-0.3, -2.0, -0.8, (7.0 / 3) / logv, 4.0 / logv]])
+    assert torch.allclose(f, want, atol=1e-6)   # exact sums of a few float32 values
+    # the prompt (columns < response_start) never enters a step, even with known stats
+    stats2 = stats.clone()
+    stats2[:, :, :2] = -50.0
+    assert torch.equal(step_features(stats2, mask, 2, V), f)
+
+
+def test_confidence_head_needs_the_step_mask(tok, conf_model):
+    ids = torch.tensor([tok(PROMPT)["input_ids"]])
+    with pytest.raises(ConfigError, match="step_mask"):
+        conf_model(ids)
+
+
+@pytest.mark.parametrize("read_at", ["before_step_token", "step_token"])
+def test_confidence_head_inflight_equals_reforward(tok, conf_model, read_at):
+    """In flight the head reads the decoder's token stats; the re-forward computes them
+    from one full forward: equal up to rounding."""
+    from _tolerance import EPS32, head_terms, llama_terms, rounding_bound
+
+    cfg = GenerateConfig(k=6, max_new_tokens=20, chunk_size=4, temperature=1.0, seed=4,
+                         read_at=read_at)
+    out = generate_best_of_n(conf_model, tok, [Prob(PROMPT)], None, cfg)[0].trajectories
+    prompt_ids = tok(PROMPT)["input_ids"]
+    seqs = [prompt_ids + t.token_ids for t in out]
+    ref = reforward_scores(conf_model, tok, seqs, read_at=read_at,
+                           prompt_lens=[len(prompt_ids)] * len(seqs), batch_size=4)
+    c = conf_model.backbone.config
+    L = max(len(s) for s in seqs)
+    # logits, token stats (log_softmax over V) and the head on C + 5 inputs; the step
+    # logit is on the scale of the largest one read, sigmoid' <= 1/4
+    scale = max(abs(v) for r in ref for v in r["logits"]) if any(r["logits"] for r in ref) else 1
+    n = llama_terms(c, L) + c.vocab_size + head_terms(conf_model.head_input_size,
+                                                      conf_model.head[0].out_features)
+    tol = rounding_bound(n, scale) / 4 + 2 * EPS32
+    n_steps = 0
+    for t, r in zip(out, ref):
+        assert t.step_positions == r["positions"]
+        assert t.step_scores == pytest.approx(r["scores"], abs=tol)
+        n_steps += t.n_steps
+    assert n_steps >= 3, "test is vacuous: too few steps sampled"
+
+
+def test_confidence_head_changes_with_the_policy_confidence(tok, conf_model):
+    """The head really reads the confidence features: the same hidden state with other
+    token stats gives another score."""
+    from metastone_lab.confidence import N_CONFIDENCE
+
+    feats = torch.zeros(1, 4, conf_model.hidden_size)
+    mask = torch.tensor([[False, False, True, True]])
+    st_a = torch.zeros(3, 1, 4)
+    st_b = st_a.clone()
+    st_b[0] = -5.0                                  # the policy was unsure of every token
+    a = conf_model.masked_head_logits(feats, mask, stats=st_a, response_start=1)
+    b = conf_model.masked_head_logits(feats, mask, stats=st_b, response_start=1)
+    assert a.shape == b.shape == (2,)
+    assert conf_model.head_input_size == conf_model.hidden_size + N_CONFIDENCE
+    assert not torch.allclose(a, b)

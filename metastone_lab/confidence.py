@@ -1,0 +1,88 @@
+"""Policy-confidence features of a reasoning step: the ``hidden+confidence`` head.
+
+A named deviation from the reference SPRM (method.md §1), off by default. The
+reference head reads one hidden state per step. On the tiny ``arith`` backbone
+that hidden state does not carry whether the step's token was one the model
+would have written (docs/testbed.md: oracle-label probes rank a problem's own
+samples at chance), while the policy's output distribution does. This module
+gives the head what the decoder has already computed at every sampled token
+(:func:`metastone_lab.generate.token_stats`, from the raw logits, no extra
+forward) summarised over the step, next to the hidden state:
+
+==================  ====================================================
+``last_logprob``    log p of the token at the read position
+``min_logprob``     lowest token log p in the step
+``mean_logprob``    mean token log p in the step
+``self_certainty``  mean token KL(Uniform || p) in the step, / log V
+``min_confidence``  lowest DeepConf token confidence in the step, / log V
+==================  ====================================================
+
+A step spans the response tokens after the previous read position (or from the
+response start) up to and including the read position, so the features are
+causal: everything they use was known when the read position was decoded. The
+head stays self-supervised: it still learns from outcome labels only.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: the features, in column order
+CONFIDENCE_FEATURES = ("last_logprob", "min_logprob", "mean_logprob", "self_certainty",
+                       "min_confidence")
+N_CONFIDENCE = len(CONFIDENCE_FEATURES)
+#: ReflectiveModel.head_inputs values
+HEAD_INPUTS = ("hidden", "hidden+confidence")
+
+
+def stats_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, topk: int = 20) -> torch.Tensor:
+    """Token stats (3, B, L) of the tokens ``input_ids`` (B, L) under the LM ``logits``
+    (B, L, V) of one forward: column ``q`` is for token ``q`` (predicted at ``q - 1``),
+    column 0 is NaN. Same rows as :func:`generate.token_stats` (logprob, self-certainty,
+    DeepConf confidence), so training reads what the decoder records."""
+    from .generate import token_stats
+
+    B, L = input_ids.shape
+    out = torch.full((3, B, L), float("nan"), dtype=torch.float32, device=input_ids.device)
+    if L > 1:
+        out[:, :, 1:] = token_stats(logits[:, :-1].detach(), input_ids[:, 1:], topk=topk)
+    return out
+
+
+def step_features(stats: torch.Tensor, mask: torch.Tensor, response_start: torch.Tensor | int,
+                  vocab_size: int) -> torch.Tensor:
+    """Confidence features (N, :data:`N_CONFIDENCE`) of the N masked read positions.
+
+    ``stats`` (3, B, L) token stats aligned with the sequence (column q = token q; NaN
+    where unknown), ``mask`` (B, L) bool read positions, ``response_start`` (B,) or an
+    int: the first response column. Rows come in ``mask.nonzero()`` order, i.e. the
+    order of ``features[mask]``. A step with no known token (NaN stats) gets zeros
+    for log-probs (fully confident) so that a feature is never NaN.
+    """
+    B, L = mask.shape
+    if isinstance(response_start, int):
+        starts = [response_start] * B
+    else:
+        starts = [int(v) for v in response_start.reshape(-1).tolist()]
+    logv = math.log(max(int(vocab_size), 2))
+    rows: list[torch.Tensor] = []
+    st = stats.float()
+    for b in range(B):
+        begin = starts[b]
+        for p in mask[b].nonzero().flatten().tolist():
+            lo = min(max(begin, 1), p)
+            seg = st[:, b, lo:p + 1]                                    # (3, n)
+            lp, sc, cf = seg[0], seg[1], seg[2]
+            ok = ~torch.isnan(lp)
+            if ok.any():
+                lpk, sck, cfk = lp[ok], sc[ok], cf[ok]
+                last = lp[-1] if bool(ok[-1]) else lpk[-1]
+                rows.append(torch.stack([last, lpk.min(), lpk.mean(), sck.mean() / logv,
+                                         cfk.min() / logv]))
+            else:
+                rows.append(torch.zeros(N_CONFIDENCE, device=stats.device))
+            begin = p + 1
+    if not rows:
+        return torch.zeros((0, N_CONFIDENCE), dtype=torch.float32, device=stats.device)
+    return torch.stack(rows).float()
