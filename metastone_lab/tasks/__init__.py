@@ -1,4 +1,4 @@
-"""Tasks: problems with verifiable answers (and, for ``arith``, step labels).
+"""Tasks: problems with verifiable answers (and, for ``arith`` / ``expr``, step labels).
 
 >>> task = get_task("arith", n_ops_max=3)
 >>> p = task.problems("test", 1)[0]
@@ -12,10 +12,12 @@ from typing import Any, Callable
 from ..registry import Registry
 from .arith import ArithConfig, ArithTask
 from .base import SPLITS, Problem, Task
+from .expr import ExprConfig, ExprTask
 from .jsonl import JsonlConfig, JsonlTask
 
 TASKS: Registry[Callable[..., Task]] = Registry("task")
 TASKS.register("arith")(ArithTask)
+TASKS.register("expr")(ExprTask)
 TASKS.register("jsonl")(JsonlTask)
 
 
@@ -25,4 +27,4 @@ def get_task(name: str, **options: Any) -> Task:
 
 
 __all__ = ["TASKS", "get_task", "Task", "Problem", "SPLITS", "ArithTask", "ArithConfig",
-           "JsonlTask", "JsonlConfig"]
+           "ExprTask", "ExprConfig", "JsonlTask", "JsonlConfig"]
