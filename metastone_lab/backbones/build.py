@@ -1,6 +1,7 @@
 """Build the tiny default backbone: tokenizer + a from-scratch Llama trained by
-SFT (loss on the response only) on the ``arith`` train split, then pass@1 /
-pass@k measured by sampling on the test split.
+SFT (loss on the response only) on the train split of a task (``arith`` by
+default; ``task_name`` picks another registered task with solutions, e.g.
+``expr``), then pass@1 / pass@k measured by sampling on the test split.
 
 ``metastone-lab backbone build [--force] [--cache-dir DIR] [--set key=value]``
 prints progress; its last line of output is one JSON object (the report).
@@ -18,17 +19,35 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import check, from_dict, parse_override, to_dict
+from ..errors import ConfigError
 from ..io_utils import _ensure_dir, atomic_dir, atomic_write_json
 from . import cache
 
 NON_MODEL_KEYS = ("threads",)  # fields that do not change the built model / report
 
 
+def _arith_config():
+    from ..tasks.arith import ArithConfig
+    return ArithConfig
+
+
+def _expr_config():
+    from ..tasks.expr import ExprConfig
+    return ExprConfig
+
+
+# tasks the tiny backbone can train on (they generate solutions) -> their config class
+_TASK_CONFIGS: dict[str, Callable[[], type]] = {"arith": _arith_config, "expr": _expr_config}
+
+
 @dataclass
 class TinyBackboneConfig:
     """Everything that defines the tiny backbone (hashed into its cache dir name).
 
-    ``task`` holds ``ArithConfig`` overrides (difficulty knobs). Training runs
+    ``task_name`` is the registered task trained on (default ``arith``; it is
+    left out of :meth:`key` when it is the default, so the cache dir of the
+    default backbone does not change) and ``task`` holds its config overrides
+    (``ArithConfig`` / ``ExprConfig`` difficulty knobs). Training runs
     ``steps`` optimiser steps, or stops early after ``train_seconds`` (0 = no
     time cap; the report says which happened). ``temperature`` is the default
     sampling temperature, used for the pass@k measurement.
@@ -40,6 +59,7 @@ class TinyBackboneConfig:
     Training runs at ~10-13K tok/s on idle cores.
     """
 
+    task_name: str = "arith"
     task: dict[str, Any] = field(default_factory=dict)
     max_number: int = 999
     hidden_size: int = 128
@@ -80,9 +100,16 @@ class TinyBackboneConfig:
         check(self.max_number >= 9, "TinyBackboneConfig.max_number must be >= 9")
         check(self.eval_split in ("train", "val", "test", "ood"),
               f"TinyBackboneConfig.eval_split {self.eval_split!r}: choose train, val, test or ood")
-        from ..tasks.arith import ArithConfig
+        from ..tasks import TASKS
 
-        from_dict(ArithConfig, self.task, where="TinyBackboneConfig.task")  # validate early
+        if self.task_name not in TASKS:
+            raise ConfigError(f"TinyBackboneConfig.task_name: unknown task {self.task_name!r}; "
+                              f"choose one of: {', '.join(TASKS.names())}")
+        config_cls = _TASK_CONFIGS.get(self.task_name)
+        check(config_cls is not None,
+              f"TinyBackboneConfig.task_name {self.task_name!r}: the tiny backbone trains on "
+              f"generated solutions; choose one of: {', '.join(sorted(_TASK_CONFIGS))}")
+        from_dict(config_cls(), self.task, where="TinyBackboneConfig.task")  # validate early
 
     @classmethod
     def micro(cls, **overrides: Any) -> "TinyBackboneConfig":
@@ -99,6 +126,8 @@ class TinyBackboneConfig:
         d = to_dict(self)
         for k in NON_MODEL_KEYS:
             d.pop(k, None)
+        if d.get("task_name") == "arith":  # the default: keep the pre-task_name cache key
+            d.pop("task_name")
         return d
 
 
@@ -290,7 +319,7 @@ def build_tiny_backbone(cfg: TinyBackboneConfig | None = None, out_dir: str | Pa
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tokenizer = build_tokenizer(cfg.max_number)
-    task = get_task("arith", **cfg.task)
+    task = get_task(cfg.task_name, **cfg.task)
     data = _encode(task, tokenizer, "train")
     model = make_model(cfg, tokenizer)
     n_params = _params(model)
