@@ -63,6 +63,12 @@ class SPRMHead(nn.Sequential):
 
 # --------------------------------------------------------------------------- files
 
+def _n_confidence() -> int:
+    from .confidence import N_CONFIDENCE
+
+    return N_CONFIDENCE
+
+
 def _twin(path: Path) -> tuple[Path, Path]:
     """(pt_path, safetensors_path) for ``path`` (either suffix accepted)."""
     if path.suffix == ".safetensors":
@@ -146,8 +152,10 @@ def load_score_module(path: str | Path, hidden_size: int, **head_kwargs: Any) ->
         )
     if w0.shape[1] != hidden_size:
         raise ShapeError(
-            f"{path}: the head was trained for hidden size {w0.shape[1]} but the backbone has "
-            f"hidden size {hidden_size}; load the head that belongs to this backbone"
+            f"{path}: the head was trained on inputs of width {w0.shape[1]} but this model's "
+            f"head reads width {hidden_size}; load the head that belongs to this backbone (a "
+            f"head_inputs='hidden+confidence' head is the hidden size + "
+            f"{_n_confidence()} wide)"
         )
     if "width_mult" not in head_kwargs:
         head_kwargs["width_mult"] = w0.shape[0] / hidden_size

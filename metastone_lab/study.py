@@ -211,7 +211,8 @@ def train_reflective(cfg: StudyConfig, model, tokenizer, tracker=None) -> Traine
 
         torch.manual_seed(cfg.seed)
         rm = ReflectiveModel(model, feature_layer=tcfg.feature_layer, grad_scale=0.0,
-                             head_width_mult=tcfg.head_width_mult, head_dropout=tcfg.head_dropout)
+                             head_width_mult=tcfg.head_width_mult, head_dropout=tcfg.head_dropout,
+                             head_inputs=tcfg.head_inputs)
         return Trained(rm.eval(), None)
     # The trainer wraps the backbone with LoRA in place; keep the caller's copy clean.
     result = train(tcfg, _TrainParams(tracker) if tracker is not None else None,

@@ -83,7 +83,7 @@ def test_result_fingerprint_covers_every_field_but_bookkeeping():
              "lora_targets": ["q_proj"], "loss": "bce_all_steps", "spr_dp_norm": "global",
              "segmenter": "paragraph", "segmenter_options": {"n": 2}, "read_at": "step_token",
              "aggregator": "min", "init_from": "x", "eval_at_start": False,
-             "backbone": "micro", "task": "jsonl"}
+             "backbone": "micro", "task": "jsonl", "head_inputs": "hidden+confidence"}
     for f in dataclasses.fields(TrainConfig):
         if f.name in BOOKKEEPING_FIELDS:
             continue
@@ -371,3 +371,56 @@ def test_filter_warmup_trains_the_first_steps_without_the_filter(micro, monkeypa
     assert seen == [False, False, True]
     with pytest.raises(ConfigError, match="filter_warmup_steps must be >= 0"):
         TrainConfig(filter_warmup_steps=-1)
+
+
+def test_spr_loss_receives_outcome_labels_only(micro, monkeypatch):
+    """Honesty: the head never sees step labels. The loss gets (step logits, step mask,
+    outcome) and the outcome is the trajectory's final-answer correctness, the same on
+    every step of a trajectory, although this batch knows its first wrong steps."""
+    from metastone_lab.loss import LOSSES
+    from metastone_lab.tasks import get_task
+
+    calls = []
+    real = LOSSES.get("spr")
+
+    def spy(*a, **kw):
+        calls.append((a, kw))
+        return real(*a, **kw)
+
+    monkeypatch.setitem(LOSSES._items, "spr", spy)
+    for head_inputs in ("hidden", "hidden+confidence"):
+        calls.clear()
+        t = make_trainer(micro, mode="head_only", head_inputs=head_inputs)
+        b = fixed_batch(t.tokenizer, get_task("arith"), n_prompts=2, n=4)
+        assert any(f not in (None, -1) for f in b.first_wrong), "vacuous: no step labels known"
+        t.update(b)
+        (logits, mask, outcome), kw = calls[0]
+        assert set(kw) <= {"filter"} and len(calls) == 1
+        assert torch.equal(outcome, b.correct.float())            # one label per trajectory
+        assert outcome.shape == (len(b),) and mask.shape == logits.shape
+
+
+def test_confidence_head_trains_checkpoints_and_resumes(micro, tmp_path):
+    """head_inputs='hidden+confidence': the head is C + 5 wide, learns, and its
+    checkpoint round-trips into a Trainer of the same config."""
+    from metastone_lab.confidence import N_CONFIDENCE
+    from metastone_lab.tasks import get_task
+
+    t = make_trainer(micro, mode="head_only", head_inputs="hidden+confidence", head_lr=3e-2,
+                     loss="bce_all_steps", output_dir=str(tmp_path / "run"))
+    C = t.rm.hidden_size
+    assert t.head[0].in_features == C + N_CONFIDENCE
+    b = fixed_batch(t.tokenizer, get_task("arith"), n_prompts=4)
+    head0 = _snap(t.head)
+    gaps = [t.update(b)["score_gap"] for _ in range(20)]
+    assert _changed(head0, _snap(t.head)) and gaps[-1] > gaps[0], gaps[::5]
+    ckpt = t.save(tmp_path / "run" / "ckpt-1")
+    t2 = make_trainer(micro, mode="head_only", head_inputs="hidden+confidence",
+                      output_dir=str(tmp_path / "run2"))
+    t2.load(ckpt)
+    for k, v in t.head.state_dict().items():
+        assert torch.equal(v, t2.head.state_dict()[k]), k
+    # a reference-head trainer cannot load it: a clear shape error, not a silent mix
+    t3 = make_trainer(micro, mode="head_only", output_dir=str(tmp_path / "run3"))
+    with pytest.raises(Exception, match="head_inputs|shape|width|fingerprint"):
+        t3.load(ckpt)

@@ -221,6 +221,9 @@ def check_compatible(state: Mapping[str, Any], expected: Mapping[str, Any], ckpt
     have = state.get("fingerprint_fields", {})
     diffs = [f"{k}: checkpoint has {have.get(k)!r}, this run has {v!r}"
              for k, v in expected.items() if have.get(k) != v]
+    # a field recorded only when it is not the default (e.g. head_inputs): absent here
+    diffs += [f"{k}: checkpoint has {v!r}, this run has the default"
+              for k, v in have.items() if k not in expected]
     if diffs:
         raise CheckpointError(
             f"checkpoint {ckpt} is incompatible with this run ({'; '.join(diffs)}). Resume with "

@@ -91,6 +91,10 @@ class TrainConfig:
     grad_scale: float = 1e-4
     head_width_mult: float = 2.0
     head_dropout: float = 0.5
+    # Named deviation (default "hidden" = the reference): "hidden+confidence" gives the head
+    # the policy's confidence in each step's tokens beside the hidden state
+    # (metastone_lab.confidence); still trained from outcome labels only.
+    head_inputs: Literal["hidden", "hidden+confidence"] = "hidden"
     # data-parallel normalisation of the SPR loss: "rank" = the reference (each rank divides
     # by its own sum of step weights; only class counts are all-reduced); "global" = divide
     # by the all-reduced sum, so a DP step equals the single-process step on the global batch
@@ -176,6 +180,9 @@ class TrainConfig:
             else "separate_prm", "lora_r": self.lora_r, "lora_alpha": self.lora_alpha,
             "lora_targets": sorted(self.lora_targets), "head_width_mult": self.head_width_mult,
             "feature_layer": self.feature_layer,
+            # the head's input width; absent for the reference head, so the fingerprint
+            # of checkpoints written before this field existed is unchanged
+            **({"head_inputs": self.head_inputs} if self.head_inputs != "hidden" else {}),
         }
 
     def fingerprint(self) -> str:

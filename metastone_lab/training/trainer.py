@@ -95,14 +95,20 @@ class SparseHeadForward(torch.nn.Module):
         self.rm = rm
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                step_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, L) ids -> logits (B, L, V), step_logits (B, L) or None without a mask."""
+                step_mask: torch.Tensor | None = None,
+                response_start: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, L) ids -> logits (B, L, V), step_logits (B, L) or None without a mask.
+        ``response_start`` (B,): where each response begins (the confidence head reads
+        the policy's token stats from there on)."""
         out = self.rm.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                output_hidden_states=step_mask is not None)
         if step_mask is None:
             return out.logits, None
         feats = self.rm.features_from_hidden(out.hidden_states)          # (B, L, C)
-        picked = self.rm.head_logits(feats[step_mask])                    # (N,)
+        picked = self.rm.masked_head_logits(                               # (N,)
+            feats, step_mask, logits=out.logits, input_ids=input_ids,
+            response_start=0 if response_start is None else response_start)
         step_logits = torch.zeros(step_mask.shape, dtype=picked.dtype, device=picked.device)
         step_logits = step_logits.masked_scatter(step_mask, picked)
         return out.logits, step_logits
@@ -153,7 +159,8 @@ class Trainer:
         head_only = cfg.mode == "head_only"
         rm = ReflectiveModel(policy, feature_layer=cfg.feature_layer,
                              grad_scale=0.0 if head_only else cfg.grad_scale,
-                             head_width_mult=cfg.head_width_mult, head_dropout=cfg.head_dropout)
+                             head_width_mult=cfg.head_width_mult, head_dropout=cfg.head_dropout,
+                             head_inputs=cfg.head_inputs)
         lora = [p for n, p in policy.named_parameters() if "lora_" in n]
         train_policy = cfg.mode in ("joint", "sft", "separate_prm")
         train_head = cfg.mode in ("joint", "head_only")
@@ -168,7 +175,8 @@ class Trainer:
             base_for_prm.config.use_cache = False
             self.prm = ReflectiveModel(base_for_prm, feature_layer=cfg.feature_layer, grad_scale=0.0,
                                        head_width_mult=cfg.head_width_mult,
-                                       head_dropout=cfg.head_dropout)
+                                       head_dropout=cfg.head_dropout,
+                                       head_inputs=cfg.head_inputs)
         if cfg.init_from:
             self._init_from(Path(cfg.init_from), policy, rm)
         self.param_counts = {
@@ -248,7 +256,7 @@ class Trainer:
         ckpt_mod.load_adapter_weights(policy, path / "adapter")
         f = path / "score_module.pt"
         if f.exists() and self.cfg.mode != "sft":
-            h = load_score_module(f, rm.hidden_size, width_mult=self.cfg.head_width_mult,
+            h = load_score_module(f, rm.head_input_size, width_mult=self.cfg.head_width_mult,
                                   dropout=self.cfg.head_dropout)
             rm.head.load_state_dict(h.state_dict())
 
@@ -322,7 +330,8 @@ class Trainer:
         train_policy = cfg.mode in ("joint", "separate_prm")
         mask = None if policy_only else self._step_mask(b)
         own_head = mask if self.prm is None else None
-        out_logits, step_logits = self.model(b.input_ids, b.attention_mask, own_head)
+        out_logits, step_logits = self.model(b.input_ids, b.attention_mask, own_head,
+                                             b.response_start)
         total = torch.zeros((), device=self.device)
         if train_policy or policy_only:
             logp = token_logprobs(out_logits, b.input_ids)
@@ -345,7 +354,7 @@ class Trainer:
             m["policy_loss"], m["kl"] = 0.0, 0.0
         if not policy_only:
             if self.prm is not None:
-                _, step_logits = self.prm(b.input_ids, b.attention_mask, mask)
+                _, step_logits = self.prm(b.input_ids, b.attention_mask, mask, b.response_start)
             outcome = b.correct.float()
             n_marks = self._allsum(int(mask.sum()))
             if n_marks == 0:
@@ -417,8 +426,9 @@ class Trainer:
         from ..scoring import aggregate
 
         scorer = self.scorer
-        out = scorer(b.input_ids, attention_mask=b.attention_mask)
         mask = self._step_mask(b)
+        out = scorer(b.input_ids, attention_mask=b.attention_mask, step_mask=mask,
+                     response_start=b.response_start)
         traj = aggregate(out.step_logits.float(), mask, self.cfg.aggregator).tolist()
         probs = torch.sigmoid(out.step_logits.float())
         steps = [probs[i][mask[i]].tolist() for i in range(len(b))]
@@ -510,7 +520,7 @@ class Trainer:
             if target is None:
                 continue
             try:
-                h = load_score_module(path / name, self.rm.hidden_size,
+                h = load_score_module(path / name, self.rm.head_input_size,
                                       width_mult=self.cfg.head_width_mult,
                                       dropout=self.cfg.head_dropout)
             except Exception as e:
