@@ -1,4 +1,5 @@
-"""Policy-confidence features of a reasoning step: the ``hidden+confidence`` head.
+"""Policy-confidence features of a reasoning step: the ``hidden+confidence`` and
+``confidence`` heads.
 
 A named deviation from the reference SPRM (method.md §1), off by default. The
 reference head reads one hidden state per step. On the tiny ``arith`` backbone
@@ -21,6 +22,10 @@ A step spans the response tokens after the previous read position (or from the
 response start) up to and including the read position, so the features are
 causal: everything they use was known when the read position was decoded. The
 head stays self-supervised: it still learns from outcome labels only.
+
+``head_inputs="confidence"`` is the ablation that drops the hidden state: the
+head is then a small MLP on these features alone, which shows how much of a
+``hidden+confidence`` head's ranking the hidden state contributes.
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ CONFIDENCE_FEATURES = ("last_logprob", "min_logprob", "mean_logprob", "self_cert
                        "min_confidence")
 N_CONFIDENCE = len(CONFIDENCE_FEATURES)
 #: ReflectiveModel.head_inputs values
-HEAD_INPUTS = ("hidden", "hidden+confidence")
+HEAD_INPUTS = ("hidden", "hidden+confidence", "confidence")
 
 
 def stats_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, topk: int = 20) -> torch.Tensor:

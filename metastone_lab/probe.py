@@ -67,6 +67,12 @@ class ProbeConfig:
     l2: float = 1e-3
     max_iter: int = 200
     seed: int = 0
+    #: hidden layer that the ``<layer>+confidence`` rows concatenate with the
+    #: policy-confidence features (the SPRM head's feature layer)
+    feature_layer: int = -2
+    #: held-out problems the probes are scored on: "val" to screen candidates (the
+    #: test split is touched once, at the end), "test" for the reported figure
+    held_out_split: Literal["val", "test"] = "test"
     #: how problems are shown (tasks.prompts.PromptFormat keys; {} = the task's prompt),
     #: e.g. {"style": "chat", "shots": 2} for SmolLM2
     prompt_format: dict = field(default_factory=dict)
@@ -122,6 +128,8 @@ class _Rollouts:
     traj_correct: np.ndarray  # (T,)
     traj_group: np.ndarray    # (T,) problem index
     traj_logprob: np.ndarray  # (T,) mean token log-prob under the policy (temperature 1)
+    confidence: torch.Tensor | None = None  # (S, N_CONF) per-step policy-confidence stats
+    traj_answer: list | None = None          # (T,) extracted answers (for majority vote)
 
 
 @torch.inference_mode()
@@ -141,6 +149,8 @@ def collect(model, tokenizer, task, split: str, n: int, cfg: ProbeConfig,
     feats: list[list[torch.Tensor]] = []
     step_label, outcome, traj_of_step = [], [], []
     correct, group, logprob = [], [], []
+    conf_rows: list[list[float]] = []
+    answers: list = []
     dev = next(backbone.parameters()).device
     was_training = backbone.training
     backbone.eval()
@@ -153,6 +163,7 @@ def collect(model, tokenizer, task, split: str, n: int, cfg: ProbeConfig,
                            output_hidden_states=True)
             hs = [h.float().cpu() for h in out.hidden_states]
             logp = out.logits.float().cpu().log_softmax(-1)
+            ent = -(logp.exp() * logp).sum(-1)                        # (B, L) entropy
             if not feats:
                 feats = [[] for _ in hs]
             for i, t in enumerate(ps.trajectories):
@@ -165,9 +176,13 @@ def collect(model, tokenizer, task, split: str, n: int, cfg: ProbeConfig,
                 else:
                     logprob.append(float("-inf"))
                 correct.append(bool(t.correct))
+                answers.append(t.answer)
                 group.append(pi)
                 fws = t.first_wrong_step
+                prev = len(prompt)  # first token of the current step
                 for j, pos in enumerate(t.step_positions):
+                    conf_rows.append(step_confidence(logp[i], ent[i], ids[i], prev, pos))
+                    prev = pos + 1
                     for layer, h in enumerate(hs):
                         feats[layer].append(h[i, pos])
                     step_label.append(-1 if fws is None else int(fws == -1 or j < fws))
@@ -181,7 +196,28 @@ def collect(model, tokenizer, task, split: str, n: int, cfg: ProbeConfig,
                           f"tokenizer have the step token?)")
     return _Rollouts([torch.stack(f) for f in feats], np.asarray(step_label),
                      np.asarray(outcome), np.asarray(traj_of_step), np.asarray(correct),
-                     np.asarray(group), np.asarray(logprob))
+                     np.asarray(group), np.asarray(logprob),
+                     torch.tensor(conf_rows, dtype=torch.float32), answers)
+
+
+#: names of :func:`step_confidence`'s features
+CONFIDENCE_FEATURES = ("min_logprob", "mean_logprob", "last_logprob", "mean_entropy",
+                       "max_entropy")
+
+
+def step_confidence(logp: torch.Tensor, ent: torch.Tensor, ids: torch.Tensor, start: int,
+                    end: int) -> list[float]:
+    """The policy's confidence in one step's tokens ``ids[start..end]`` (inclusive).
+
+    ``logp`` (L, V) log-softmax of the logits at temperature 1, ``ent`` (L,) their
+    entropy, ``ids`` (L,). Token ``q`` is predicted at position ``q - 1``. Returns
+    :data:`CONFIDENCE_FEATURES` (all from logits the decoder computed anyway).
+    """
+    start = max(1, min(start, end))
+    q = torch.arange(start, end + 1)
+    lp = logp[q - 1].gather(1, ids[q][:, None]).squeeze(1)     # (n,)
+    e = ent[q - 1]
+    return [float(lp.min()), float(lp.mean()), float(lp[-1]), float(e.mean()), float(e.max())]
 
 
 def _trajectory_scores(step_p: np.ndarray, r: _Rollouts) -> np.ndarray:
@@ -248,7 +284,7 @@ def run_probe(model, tokenizer, task, cfg: ProbeConfig | None = None):
     t0 = time.perf_counter()
     _check_layers(model, cfg.layers)
     tr = collect(model, tokenizer, task, "train", cfg.n_train, cfg, seed_offset=0)
-    te = collect(model, tokenizer, task, "test", cfg.n_test, cfg, seed_offset=104729)
+    te = collect(model, tokenizer, task, cfg.held_out_split, cfg.n_test, cfg, seed_offset=104729)
     n_states = len(tr.features)
     layers = cfg.layers or tuple(range(n_states))
     _check_layers(model, layers, n_states)
@@ -265,18 +301,43 @@ def run_probe(model, tokenizer, task, cfg: ProbeConfig | None = None):
             predict = fit_logistic(tr.features[v], torch.as_tensor(y), cfg.l2, cfg.max_iter)
             p = predict(te.features[v]).numpy()
             rows.append(_row(layer_name(v, n_states), kind, _trajectory_scores(p, te), te, p))
+    # the policy's own confidence at each step, alone and beside the feature layer
+    fl = layer_name(cfg.feature_layer, n_states)
+    extra = [("confidence", tr.confidence, te.confidence),
+             (f"{fl}+confidence", torch.cat([tr.features[cfg.feature_layer], tr.confidence], 1),
+              torch.cat([te.features[cfg.feature_layer], te.confidence], 1))]
+    for name, xtr, xte in extra:
+        for kind, y in label_kinds:
+            if len(set(y)) < 2:
+                continue
+            predict = fit_logistic(xtr, torch.as_tensor(y), cfg.l2, cfg.max_iter)
+            p = predict(xte).numpy()
+            rows.append(_row(name, kind, _trajectory_scores(p, te), te, p))
     rows.append(_row("policy_logprob", "none", te.traj_logprob, te, None))
     frame = pd.DataFrame(rows, columns=COLUMNS)
     groups = {}
     for c, g in zip(te.traj_correct, te.traj_group):
         groups.setdefault(g, []).append(bool(c))
     frame.attrs.update({
+        "mixed_fraction": float(np.mean([0 < sum(v) < len(v) for v in groups.values()])),
+        "majority@k": _majority_accuracy(te),
         "pass@1": float(np.mean(te.traj_correct)),
         "pass@k": float(np.mean([any(v) for v in groups.values()])),
         "k": cfg.k, "n_train_steps": int(len(tr.outcome)), "n_test_steps": int(len(te.outcome)),
         "n_test_problems": len(groups), "seconds": time.perf_counter() - t0,
     })
     return frame
+
+
+def _majority_accuracy(r: _Rollouts) -> float:
+    """Accuracy of a majority vote over each test problem's k answers
+    (:func:`select.majority`: None never wins, first answer wins ties)."""
+    from .select import majority
+
+    by: dict[int, list[dict]] = {}
+    for a, c, g in zip(r.traj_answer, r.traj_correct, r.traj_group):
+        by.setdefault(int(g), []).append({"answer": a, "correct": bool(c)})
+    return float(np.mean([ts[majority(ts)]["correct"] for ts in by.values()]))
 
 
 def metrics_of(frame) -> dict[str, float]:
@@ -293,7 +354,8 @@ def metrics_of(frame) -> dict[str, float]:
 
 def run_and_log(backbone: str = "tiny", cfg: ProbeConfig | None = None, *,
                 task: str = "arith", tracking_uri: str | None = None,
-                backbone_options: dict | None = None, log=print):
+                backbone_options: dict | None = None, task_options: dict | None = None,
+                log=print):
     """Build/load ``backbone``, run the probe, log it to the MLflow experiment
     ``probe`` (params, flat metrics, the table as ``probe.json``). Returns the frame."""
     from . import tracking
@@ -306,11 +368,16 @@ def run_and_log(backbone: str = "tiny", cfg: ProbeConfig | None = None, *,
     model, tok = prepare_backbone(from_dict(StudyConfig, {
         "backbone": backbone, "backbone_options": dict(backbone_options or {})}))
     torch.manual_seed(cfg.seed)
-    frame = run_probe(model, tok, apply_prompt_format(get_task(task), tok, cfg.prompt_format), cfg)
+    the_task = get_task(task, **dict(task_options or {}))
+    frame = run_probe(model, tok, apply_prompt_format(the_task, tok, cfg.prompt_format), cfg)
     log(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    log("  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                  for k, v in frame.attrs.items()))
     t = tracking.Tracker(tracking_uri)
     with t.run(PROBE_EXPERIMENT, run_name=f"probe-{backbone}",
-               params={"backbone": backbone, "task": task, **to_dict(cfg)}):
+               params={"backbone": backbone, "task": task,
+                       "backbone_options": dict(backbone_options or {}),
+                       "task_options": dict(task_options or {}), **to_dict(cfg)}):
         t.log_metrics(metrics_of(frame), step=0)
         t.log_table(frame, "probe.json")
     return frame
@@ -328,13 +395,31 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-style", default="plain",
                     help="plain | chat (the tokenizer's chat template; for instruction models)")
     ap.add_argument("--shots", type=int, default=0, help="worked train examples shown first")
+    ap.add_argument("--temperature", type=float, default=ProbeConfig.temperature,
+                    help="sampling temperature of the probed trajectories")
+    ap.add_argument("--read-at", default=ProbeConfig.read_at,
+                    choices=["before_step_token", "step_token"], help="where a step is read")
+    ap.add_argument("--held-out-split", default="test", choices=["val", "test"],
+                    help="problems the probes are scored on: val to screen, test to report")
+    ap.add_argument("--task-options", default="{}", help="task config as JSON, e.g. "
+                    "'{\"n_ops_min\": 3}'")
+    ap.add_argument("--backbone-options", default="{}", help="TinyBackboneConfig overrides as "
+                    "JSON for the tiny family, e.g. '{\"steps\": 700}'")
     ap.add_argument("--tracking-uri", default=None)
     a = ap.parse_args(argv)
+    import json
+
+    try:
+        task_options, backbone_options = json.loads(a.task_options), json.loads(a.backbone_options)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--task-options / --backbone-options must be JSON objects: {e}") from None
     fmt = {} if (a.prompt_style, a.shots) == ("plain", 0) else \
         {"style": a.prompt_style, "shots": a.shots}
-    cfg = ProbeConfig(n_train=a.n_train, n_test=a.n_test, k=a.k,
+    cfg = ProbeConfig(n_train=a.n_train, n_test=a.n_test, k=a.k, temperature=a.temperature,
+                      read_at=a.read_at, held_out_split=a.held_out_split,
                       max_new_tokens=a.max_new_tokens, seed=a.seed, prompt_format=fmt)
-    run_and_log(a.backbone, cfg, task=a.task, tracking_uri=a.tracking_uri)
+    run_and_log(a.backbone, cfg, task=a.task, tracking_uri=a.tracking_uri,
+                backbone_options=backbone_options, task_options=task_options)
     return 0
 
 

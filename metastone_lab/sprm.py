@@ -241,10 +241,11 @@ class ReflectiveModel(nn.Module):
             -1 is the final normed layer).
         grad_scale: backbone gradient scale through the features (1e-4 reference;
             0 = detach; 1 = full).
-        head_inputs: ``"hidden"`` (the reference: the head reads the hidden state) or
+        head_inputs: ``"hidden"`` (the reference: the head reads the hidden state),
             ``"hidden+confidence"`` (a named deviation: the hidden state plus the
             policy's confidence in the step's tokens, :mod:`metastone_lab.confidence`;
-            the head then needs the step mask, which training and the engine know).
+            the head then needs the step mask, which training and the engine know) or
+            ``"confidence"`` (the ablation without the hidden state).
     """
 
     def __init__(
@@ -270,7 +271,8 @@ class ReflectiveModel(nn.Module):
         cfg = backbone_config(backbone)
         self._hidden_size = int(cfg.hidden_size)
         self._vocab_size = int(getattr(cfg, "vocab_size", 0) or 0)
-        self._head_in = self._hidden_size + (N_CONFIDENCE if self.uses_confidence else 0)
+        self._head_in = {"hidden": self._hidden_size, "confidence": N_CONFIDENCE,
+                         "hidden+confidence": self._hidden_size + N_CONFIDENCE}[head_inputs]
         n_layers = getattr(cfg, "num_hidden_layers", None)
         if n_layers is not None and not -(n_layers + 1) <= feature_layer <= n_layers:
             raise ConfigError(
@@ -302,12 +304,13 @@ class ReflectiveModel(nn.Module):
 
     @property
     def uses_confidence(self) -> bool:
-        """True when the head also reads the policy-confidence features."""
-        return self.head_inputs == "hidden+confidence"
+        """True when the head reads the policy-confidence features (with or without
+        the hidden state)."""
+        return self.head_inputs != "hidden"
 
     @property
     def head_input_size(self) -> int:
-        """Width of the head's input: C, or C + ``confidence.N_CONFIDENCE``."""
+        """Width of the head's input: C, C + ``confidence.N_CONFIDENCE``, or N_CONFIDENCE."""
         return self._head_in
 
     def masked_head_logits(self, features: torch.Tensor, mask: torch.Tensor, *,
@@ -332,7 +335,8 @@ class ReflectiveModel(nn.Module):
                                       "input_ids (or the decoder's token stats)")
                 stats = stats_from_logits(logits, input_ids)
             conf = step_features(stats, mask, response_start, self._vocab_size)
-            picked = torch.cat([picked, conf.to(device=picked.device, dtype=picked.dtype)], -1)
+            conf = conf.to(device=picked.device, dtype=picked.dtype)
+            picked = conf if self.head_inputs == "confidence" else torch.cat([picked, conf], -1)
         return self.head_logits(picked)
 
     @property

@@ -563,3 +563,18 @@ def test_confidence_head_changes_with_the_policy_confidence(tok, conf_model):
     assert a.shape == b.shape == (2,)
     assert conf_model.head_input_size == conf_model.hidden_size + N_CONFIDENCE
     assert not torch.allclose(a, b)
+
+
+def test_confidence_only_head_ignores_the_hidden_state(tok):
+    from metastone_lab.confidence import N_CONFIDENCE
+    from metastone_lab.sprm import ReflectiveModel
+
+    m = ReflectiveModel(make_model(tok, seed=3).backbone, head_inputs="confidence").eval()
+    assert m.head_input_size == N_CONFIDENCE
+    mask = torch.tensor([[False, True, True]])
+    st = torch.randn(3, 1, 3)
+    a = m.masked_head_logits(torch.zeros(1, 3, m.hidden_size), mask, stats=st, response_start=1)
+    b = m.masked_head_logits(torch.randn(1, 3, m.hidden_size), mask, stats=st, response_start=1)
+    assert torch.equal(a, b)
+    with pytest.raises(ConfigError, match="head_inputs"):
+        ReflectiveModel(m.backbone, head_inputs="logits")

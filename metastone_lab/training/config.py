@@ -94,7 +94,8 @@ class TrainConfig:
     # Named deviation (default "hidden" = the reference): "hidden+confidence" gives the head
     # the policy's confidence in each step's tokens beside the hidden state
     # (metastone_lab.confidence); still trained from outcome labels only.
-    head_inputs: Literal["hidden", "hidden+confidence"] = "hidden"
+    # "confidence" is the ablation without the hidden state.
+    head_inputs: Literal["hidden", "hidden+confidence", "confidence"] = "hidden"
     # data-parallel normalisation of the SPR loss: "rank" = the reference (each rank divides
     # by its own sum of step weights; only class counts are all-reduced); "global" = divide
     # by the all-reduced sum, so a DP step equals the single-process step on the global batch
