@@ -27,6 +27,14 @@ operands or operator, i.e. a wrong order, a missing, reordered or extra step)
 or if ``c`` is wrong. If every written step is right but steps are missing or
 the final answer does not match, the returned index is
 ``len(split_steps(text))``; -1 when the whole trajectory is right.
+
+Measured (tiny backbone defaults with ``task_name="expr"``, 200 test problems x
+32 samples, T=0.8): 350 steps: pass@1 0.10, pass@32 0.75; 700 steps: pass@1
+0.76, pass@32 0.99, majority@32 0.88. Only 0.2-1.5% of the wrong answers equal
+``trap_answer`` (either kind): the model reads the bracket cue reliably and its
+errors are operand-copy and arithmetic slips, not the wrong order. On ``ood``
+(5 terms) the 700-step model fails almost always (pass@1 0.02), again not by
+the trap (0.7-2.4% of wrong answers).
 """
 from __future__ import annotations
 
