@@ -216,14 +216,20 @@ def read_state(ckpt: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{ckpt / STATE}: corrupt JSON ({e}); use another checkpoint") from None
 
 
+#: fingerprint fields written only when off their default (older checkpoints lack them)
+OFF_DEFAULT_FINGERPRINT = ("head_inputs",)
+
+
 def check_compatible(state: Mapping[str, Any], expected: Mapping[str, Any], ckpt: Path) -> None:
     """Raise CheckpointError naming both values of every field that differs."""
     have = state.get("fingerprint_fields", {})
     diffs = [f"{k}: checkpoint has {have.get(k)!r}, this run has {v!r}"
              for k, v in expected.items() if have.get(k) != v]
-    # a field recorded only when it is not the default (e.g. head_inputs): absent here
-    diffs += [f"{k}: checkpoint has {v!r}, this run has the default"
-              for k, v in have.items() if k not in expected]
+    # fields recorded only when they are not the default: absent from ``expected`` means
+    # the default (only for a full fingerprint, i.e. when ``expected`` has the backbone)
+    if "feature_layer" in expected:
+        diffs += [f"{k}: checkpoint has {have[k]!r}, this run has the default"
+                  for k in OFF_DEFAULT_FINGERPRINT if k in have and k not in expected]
     if diffs:
         raise CheckpointError(
             f"checkpoint {ckpt} is incompatible with this run ({'; '.join(diffs)}). Resume with "
