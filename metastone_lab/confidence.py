@@ -11,12 +11,18 @@ gives the head what the decoder has already computed at every sampled token
 forward) summarised over the step, next to the hidden state:
 
 ==================  ====================================================
-``last_logprob``    log p of the token at the read position
-``min_logprob``     lowest token log p in the step
-``mean_logprob``    mean token log p in the step
+``last_logprob``    g(log p) of the token at the read position
+``min_logprob``     g(lowest token log p in the step)
+``mean_logprob``    g(mean token log p in the step)
 ``self_certainty``  mean token KL(Uniform || p) in the step, / log V
 ``min_confidence``  lowest DeepConf token confidence in the step, / log V
 ==================  ====================================================
+
+``g(lp) = -log(SURPRISE_FLOOR - lp)`` (monotone, higher = more confident) spreads
+out log-probs near 0: a sampled token the policy gave p = 0.999 and one it gave
+p = 0.9 differ by 0.001 vs 0.1 in log p, which a ReLU head initialised near 0
+cannot tell apart (measured: a head on raw log-probs scored 72 of 100 problems'
+best samples as exact ties), but by 2.3 in g.
 
 A step spans the response tokens after the previous read position (or from the
 response start) up to and including the read position, so the features are
@@ -37,6 +43,13 @@ import torch
 CONFIDENCE_FEATURES = ("last_logprob", "min_logprob", "mean_logprob", "self_certainty",
                        "min_confidence")
 N_CONFIDENCE = len(CONFIDENCE_FEATURES)
+#: the smallest surprise ``-log p`` that :func:`step_features` resolves
+SURPRISE_FLOOR = 1e-4
+
+
+def _g(lp: torch.Tensor) -> torch.Tensor:
+    """``-log(SURPRISE_FLOOR - lp)`` for log-probs ``lp <= 0``: higher = more confident."""
+    return -torch.log(SURPRISE_FLOOR - lp.clamp_max(0.0))
 #: ReflectiveModel.head_inputs values
 HEAD_INPUTS = ("hidden", "hidden+confidence", "confidence")
 
@@ -62,8 +75,8 @@ def step_features(stats: torch.Tensor, mask: torch.Tensor, response_start: torch
     ``stats`` (3, B, L) token stats aligned with the sequence (column q = token q; NaN
     where unknown), ``mask`` (B, L) bool read positions, ``response_start`` (B,) or an
     int: the first response column. Rows come in ``mask.nonzero()`` order, i.e. the
-    order of ``features[mask]``. A step with no known token (NaN stats) gets zeros
-    for log-probs (fully confident) so that a feature is never NaN.
+    order of ``features[mask]``. A step with no known token (NaN stats) gets the
+    features of a fully confident step (log p = 0) so that a feature is never NaN.
     """
     B, L = mask.shape
     if isinstance(response_start, int):
@@ -83,10 +96,12 @@ def step_features(stats: torch.Tensor, mask: torch.Tensor, response_start: torch
             if ok.any():
                 lpk, sck, cfk = lp[ok], sc[ok], cf[ok]
                 last = lp[-1] if bool(ok[-1]) else lpk[-1]
-                rows.append(torch.stack([last, lpk.min(), lpk.mean(), sck.mean() / logv,
-                                         cfk.min() / logv]))
+                rows.append(torch.stack([_g(last), _g(lpk.min()), _g(lpk.mean()),
+                                         sck.mean() / logv, cfk.min() / logv]))
             else:
-                rows.append(torch.zeros(N_CONFIDENCE, device=stats.device))
+                z = _g(torch.zeros((), device=stats.device))
+                rows.append(torch.stack([z, z, z, torch.ones((), device=stats.device),
+                                         torch.zeros((), device=stats.device)]))
             begin = p + 1
     if not rows:
         return torch.zeros((0, N_CONFIDENCE), dtype=torch.float32, device=stats.device)

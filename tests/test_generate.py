@@ -504,8 +504,9 @@ def test_confidence_step_features_by_hand():
     assert f.shape == (2, N_CONFIDENCE)
     logv = math.log(V)
     # step 1 = tokens 2..3, step 2 = tokens 4..6
-    want = torch.tensor([[-0.5, -1.0, -0.75, 3.0 / logv, 5.0 / logv],
-                         [-0.3, -2.0, -0.8, (7.0 / 3) / logv, 4.0 / logv]])
+    g = lambda lp: -math.log(1e-4 - lp)  # noqa: E731 (confidence.SURPRISE_FLOOR)
+    want = torch.tensor([[g(-0.5), g(-1.0), g(-0.75), 3.0 / logv, 5.0 / logv],
+                         [g(-0.3), g(-2.0), g(-0.8), (7.0 / 3) / logv, 4.0 / logv]])
     assert torch.allclose(f, want, atol=1e-6)   # exact sums of a few float32 values
     # the prompt (columns < response_start) never enters a step, even with known stats
     stats2 = stats.clone()
