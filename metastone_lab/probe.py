@@ -16,6 +16,13 @@ carries the step's correctness. This diagnostic measures the ceiling directly:
    probabilities, the reference aggregator) and report pooled step AUROC,
    pooled trajectory AUROC, **within-problem AUROC** and best-of-k accuracy.
 
+The same probes are also fitted on the policy's confidence in each step's
+tokens (:mod:`metastone_lab.confidence`; rows ``confidence`` and
+``<feature layer>+confidence``), the input of the ``head_inputs`` deviation.
+``frame.attrs`` carries the fraction of mixed problems and the majority-vote
+accuracy on the same samples, so one run is a testbed screen
+(``--held-out-split val``; docs/testbed.md).
+
 As a contrast that needs no training, the policy's own mean token log-prob
 of each trajectory (at temperature 1) ranks the same samples: when it ranks
 them well and the probes do not, the model "knows" the right answer in its
