@@ -564,6 +564,13 @@ def finish_chunk(model: Any, chunk: _Chunk, tokenizer: Any, cfg: GenerateConfig,
         if mask.any():
             f = chunk.feats[mask]                                        # (n_steps, C)
             if getattr(model, "uses_confidence", False):
+                from .confidence import TOPK
+
+                if cfg.deepconf_topk != TOPK:
+                    raise ConfigError(
+                        f"GenerateConfig.deepconf_topk={cfg.deepconf_topk}: a confidence head was "
+                        f"trained on the top-{TOPK} DeepConf confidence; keep deepconf_topk={TOPK} "
+                        f"when scoring with head_inputs={model.head_inputs!r}")
                 if chunk.tok_logprob is None:
                     raise RuntimeError("the confidence head needs the decoder's token stats "
                                        "(please report this bug)")
@@ -741,8 +748,11 @@ def reforward_scores(model: Any, tokenizer: Any, sequences: Sequence[Sequence[in
             else:
                 mask = _step_mask(ids, lens, tokenizer, cfg, None)
             if getattr(model, "uses_confidence", False):
-                starts = torch.tensor(list(prompt_lens[b:b + batch_size]) if prompt_lens
-                                      is not None else [0] * len(batch))
+                if prompt_lens is None:
+                    raise ConfigError("reforward_scores: a head with head_inputs="
+                                      f"{model.head_inputs!r} reads the response's token stats; "
+                                      "pass prompt_lens= (where each response starts)")
+                starts = torch.tensor(list(prompt_lens[b:b + batch_size]))
                 res = model(ids, attention_mask=attn, step_mask=mask, response_start=starts)
             else:
                 res = model(ids, attention_mask=attn)

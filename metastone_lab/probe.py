@@ -207,9 +207,11 @@ def collect(model, tokenizer, task, split: str, n: int, cfg: ProbeConfig,
                      torch.tensor(conf_rows, dtype=torch.float32), answers)
 
 
-#: names of :func:`step_confidence`'s features
-CONFIDENCE_FEATURES = ("min_logprob", "mean_logprob", "last_logprob", "mean_entropy",
-                       "max_entropy")
+#: names of :func:`step_confidence`'s features: the probe's own screen set (raw log-probs
+#: and entropy of the step's tokens). The head's inputs (``confidence.step_features``) are
+#: a related but different set: g-transformed log-probs, self-certainty, DeepConf.
+PROBE_CONFIDENCE_FEATURES = ("min_logprob", "mean_logprob", "last_logprob", "mean_entropy",
+                             "max_entropy")
 
 
 def step_confidence(logp: torch.Tensor, ent: torch.Tensor, ids: torch.Tensor, start: int,
@@ -218,9 +220,11 @@ def step_confidence(logp: torch.Tensor, ent: torch.Tensor, ids: torch.Tensor, st
 
     ``logp`` (L, V) log-softmax of the logits at temperature 1, ``ent`` (L,) their
     entropy, ``ids`` (L,). Token ``q`` is predicted at position ``q - 1``. Returns
-    :data:`CONFIDENCE_FEATURES` (all from logits the decoder computed anyway).
+    :data:`PROBE_CONFIDENCE_FEATURES` (all from logits the decoder computed anyway).
     """
-    start = max(1, min(start, end))
+    start = max(1, start)
+    if start > end:          # a read before the response: no token of the step is known
+        return [0.0, 0.0, 0.0, 0.0, 0.0]
     q = torch.arange(start, end + 1)
     lp = logp[q - 1].gather(1, ids[q][:, None]).squeeze(1)     # (n,)
     e = ent[q - 1]

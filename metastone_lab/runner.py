@@ -491,7 +491,9 @@ class _Sweep:
         for d in sorted((c for c in pdir.iterdir() if c.is_dir() and not c.is_symlink()),
                         key=lambda c: c.name, reverse=True):
             rec = _read_json(d / RUN_RECORD)
-            if rec is not None and rec.get("status") == "ok":
+            # a run of the same point name with other parameters is not this point's result
+            if rec is not None and rec.get("status") == "ok" \
+                    and rec.get("params_hash") == p.params_hash:
                 return d
         return None
 

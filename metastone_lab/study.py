@@ -449,6 +449,8 @@ def cache_content(cfg: StudyConfig) -> dict[str, Any]:
     train = {k: v for k, v in cfg.train_config().to_dict().items()
              if k not in ("output_dir", "resume", "fresh")
              and not (k in study_copy and v == study_copy[k])}
+    if train.get("head_inputs") == "hidden":  # the reference head: keys written before it existed
+        train.pop("head_inputs")
     return {"backbone": {"spec": cfg.backbone, "config": bcfg.key() if bcfg else None},
             "study": study_fields, "train": train}
 

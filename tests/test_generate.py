@@ -512,6 +512,14 @@ def test_confidence_step_features_by_hand():
     stats2 = stats.clone()
     stats2[:, :, :2] = -50.0
     assert torch.equal(step_features(stats2, mask, 2, V), f)
+    # a read before the response (a training step mask may keep P-1) gets the fixed row,
+    # the same whether the prompt's stats are known (training) or NaN (the decoder)
+    early = torch.tensor([[False, True, False, True, False, False, False]])
+    rows_train = step_features(stats2, early, 2, V)
+    rows_engine = step_features(stats, early, 2, V)
+    assert torch.equal(rows_train, rows_engine)
+    assert rows_train[0].tolist() == pytest.approx([g(0.0)] * 3 + [1.0, 0.0])
+    assert rows_train[1].tolist() == pytest.approx(f[0].tolist())
 
 
 def test_confidence_head_needs_the_step_mask(tok, conf_model):

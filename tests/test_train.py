@@ -424,3 +424,22 @@ def test_confidence_head_trains_checkpoints_and_resumes(micro, tmp_path):
     t3 = make_trainer(micro, mode="head_only", output_dir=str(tmp_path / "run3"))
     with pytest.raises(Exception, match="head_inputs|shape|width|fingerprint"):
         t3.load(ckpt)
+
+
+def test_separate_prm_head_is_restored_by_init_from(micro, tmp_path):
+    """separate_prm saves its trained PRM head as prm_score_module.pt; a Trainer built
+    with init_from (what study.load_trained does) must score with THAT head, not a
+    fresh one."""
+    from metastone_lab.tasks import get_task
+
+    t = make_trainer(micro, mode="separate_prm", head_lr=3e-2, loss="bce_all_steps",
+                     output_dir=str(tmp_path / "run"))
+    b = fixed_batch(t.tokenizer, get_task("arith"), n_prompts=2)
+    for _ in range(3):
+        t.update(b)
+    ckpt = t.save(tmp_path / "run" / "ckpt-1")
+    t2 = make_trainer(micro, mode="separate_prm", init_from=str(ckpt),
+                      output_dir=str(tmp_path / "run2"))
+    trained = {k: v for k, v in t.head.state_dict().items()}
+    for k, v in t2.head.state_dict().items():
+        assert torch.equal(v, trained[k]), k

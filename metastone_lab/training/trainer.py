@@ -259,6 +259,12 @@ class Trainer:
             h = load_score_module(f, rm.head_input_size, width_mult=self.cfg.head_width_mult,
                                   dropout=self.cfg.head_dropout)
             rm.head.load_state_dict(h.state_dict())
+        # separate_prm keeps its trained head in prm_score_module.pt (its policy head is unused)
+        f = path / "prm_score_module.pt"
+        if f.exists() and self.prm is not None:
+            h = load_score_module(f, self.prm.head_input_size, width_mult=self.cfg.head_width_mult,
+                                  dropout=self.cfg.head_dropout)
+            self.prm.head.load_state_dict(h.state_dict())
 
     def _allsum(self, x: float) -> float:
         if self.world == 1:
