@@ -285,7 +285,7 @@ def test_16_unknown_loss():
 def test_17_unknown_task():
     from metastone_lab.tasks import get_task
 
-    with pytest.raises(UnknownNameError, match=r"unknown task 'gsm8k'; choose one of: arith, jsonl"):
+    with pytest.raises(UnknownNameError, match=r"unknown task 'gsm8k'; choose one of: arith, expr, jsonl"):
         get_task("gsm8k")
 
 
@@ -362,12 +362,13 @@ def test_24_head_backbone_width_mismatch(tmp_path):
     from metastone_lab.sprm import ReflectiveModel, SPRMHead, load_score_module, save_score_module
 
     backbone = tiny_llama(hidden=32)
-    with pytest.raises(ShapeError, match=r"SPRM head width 48 does not match the backbone hidden "
-                                         r"size 32; build/load the head with hidden_size=32"):
+    with pytest.raises(ShapeError, match=r"SPRM head width 48 does not match the head input "
+                                         r"size 32 \(backbone hidden size 32, head_inputs="
+                                         r"'hidden'\); build/load the head with hidden_size=32"):
         ReflectiveModel(backbone, head=SPRMHead(48))
     path = save_score_module(SPRMHead(48), tmp_path / "score_module.pt")
-    with pytest.raises(ShapeError, match=rf"{re.escape(str(path))}: the head was trained for hidden "
-                                         r"size 48 but the backbone has hidden size 32"):
+    with pytest.raises(ShapeError, match=rf"{re.escape(str(path))}: the head was trained on inputs "
+                                         r"of width 48 but this model's head reads width 32"):
         load_score_module(path, hidden_size=32)
 
 
