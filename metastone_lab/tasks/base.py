@@ -108,3 +108,42 @@ class Task:
         if rest.strip():
             parts.append(rest)
         return [p for p in parts if p.strip()]
+
+
+class GeneratedTask(Task):
+    """A task whose problems come from a seeded generator (``arith``, ``expr``): the
+    config (``config=`` or keyword options, validated by ``from_dict``), split sizes
+    (``config.n_<split>``) and a per-split cache, so a shorter list is always a prefix
+    of a longer one. Subclasses set ``config_class`` (a dataclass with ``n_<split>``
+    fields and ``family(split)``) and implement ``_generate(split, n)``."""
+
+    config_class: type = object
+
+    def __init__(self, config=None, **options) -> None:
+        from ..config import from_dict
+
+        super().__init__()
+        if config is not None and options:
+            raise ConfigError(f"{self.name}: pass either config= or keyword options, not both")
+        self.config = config if config is not None else from_dict(self.config_class, options)
+        self.config.family("ood").__post_init__()  # validate the ood family early
+        self._cache: dict[str, list[Problem]] = {}
+
+    def default_size(self, split: str) -> int:
+        return getattr(self.config, f"n_{split}")
+
+    def problems(self, split: str, n: int | None = None) -> list[Problem]:
+        """The first ``n`` problems of ``split`` (default: the configured size).
+        Deterministic in ``config.seed``; a shorter list is a prefix of a longer one."""
+        check_split(split)
+        n = self.default_size(split) if n is None else n
+        if n < 0:
+            raise ConfigError(f"problems: n must be >= 0, got {n}")
+        have = self._cache.get(split, [])
+        if len(have) < n:
+            have = self._generate(split, n)
+            self._cache[split] = have
+        return have[:n]
+
+    def _generate(self, split: str, n: int) -> list[Problem]:
+        raise NotImplementedError

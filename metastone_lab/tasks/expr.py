@@ -43,10 +43,10 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import check, from_dict
+from ..config import check
 from ..errors import ConfigError
 from .arith import _ANSWER_RE, _BUCKETS, _STEP_RE, _SYMBOL_ALIASES, _bucket
-from .base import STEP_MARKER, THINK_CLOSE, THINK_OPEN, Problem, Task, check_split, response_part
+from .base import STEP_MARKER, THINK_CLOSE, THINK_OPEN, GeneratedTask, Problem, response_part
 
 SYMBOLS = {"add": "+", "sub": "-", "mul": "*"}
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -211,34 +211,11 @@ def render(terms: list[int], ops: list[str], kind: str) -> tuple[str, str, str]:
     return question, prompt, solution
 
 
-class ExprTask(Task):
+class ExprTask(GeneratedTask):
     """Expressions with precedence vs left-to-right evaluation; see the module docstring."""
 
     name = "expr"
-
-    def __init__(self, config: ExprConfig | None = None, **options: Any) -> None:
-        super().__init__()
-        if config is not None and options:
-            raise ConfigError("expr: pass either config= or keyword options, not both")
-        self.config = config if config is not None else from_dict(ExprConfig, options)
-        self.config.family("ood").__post_init__()  # validate the ood family early
-        self._cache: dict[str, list[Problem]] = {}
-
-    def default_size(self, split: str) -> int:
-        return getattr(self.config, f"n_{split}")
-
-    def problems(self, split: str, n: int | None = None) -> list[Problem]:
-        """The first ``n`` problems of ``split`` (default: the configured size).
-        Deterministic in ``config.seed``; a shorter list is a prefix of a longer one."""
-        check_split(split)
-        n = self.default_size(split) if n is None else n
-        if n < 0:
-            raise ConfigError(f"problems: n must be >= 0, got {n}")
-        have = self._cache.get(split, [])
-        if len(have) < n:
-            have = self._generate(split, n)
-            self._cache[split] = have
-        return have[:n]
+    config_class = ExprConfig
 
     def _generate(self, split: str, n: int) -> list[Problem]:
         fam = self.config.family(split)
