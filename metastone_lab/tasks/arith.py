@@ -150,7 +150,23 @@ def render(start: int, ops: list[tuple[str, int]], values: list[int]) -> tuple[s
     return question, prompt, solution
 
 
-class ArithTask(GeneratedTask):
+class IntegerAnswerTask(GeneratedTask):
+    """A generated task answered by ``"The answer is <integer>."`` after ``</think>``
+    (the last such phrase counts), compared as integers (``arith``, ``expr``)."""
+
+    def extract_answer(self, text: str) -> str | None:
+        hits = _ANSWER_RE.findall(response_part(text).split(THINK_CLOSE)[-1]) if THINK_CLOSE in text \
+            else _ANSWER_RE.findall(text)
+        return hits[-1] if hits else None
+
+    def answers_equal(self, predicted: str, gold: str) -> bool:
+        try:
+            return int(predicted) == int(gold)
+        except ValueError:
+            return False
+
+
+class ArithTask(IntegerAnswerTask):
     """Multi-step arithmetic; see the module docstring."""
 
     name = "arith"
@@ -184,17 +200,6 @@ class ArithTask(GeneratedTask):
                       "n_ops": len(ops), "split": split},
             ))
         return out
-
-    def extract_answer(self, text: str) -> str | None:
-        hits = _ANSWER_RE.findall(response_part(text).split(THINK_CLOSE)[-1]) if THINK_CLOSE in text \
-            else _ANSWER_RE.findall(text)
-        return hits[-1] if hits else None
-
-    def answers_equal(self, predicted: str, gold: str) -> bool:
-        try:
-            return int(predicted) == int(gold)
-        except ValueError:
-            return False
 
     def first_wrong_step(self, text: str, problem: Problem) -> int:
         steps = self.split_steps(text)

@@ -45,8 +45,8 @@ from typing import Any
 
 from ..config import check
 from ..errors import ConfigError
-from .arith import _ANSWER_RE, _BUCKETS, _STEP_RE, _SYMBOL_ALIASES, _bucket
-from .base import STEP_MARKER, THINK_CLOSE, THINK_OPEN, GeneratedTask, Problem, response_part
+from .arith import _BUCKETS, _STEP_RE, _SYMBOL_ALIASES, IntegerAnswerTask, _bucket
+from .base import STEP_MARKER, THINK_CLOSE, THINK_OPEN, Problem
 
 SYMBOLS = {"add": "+", "sub": "-", "mul": "*"}
 _APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -211,7 +211,7 @@ def render(terms: list[int], ops: list[str], kind: str) -> tuple[str, str, str]:
     return question, prompt, solution
 
 
-class ExprTask(GeneratedTask):
+class ExprTask(IntegerAnswerTask):
     """Expressions with precedence vs left-to-right evaluation; see the module docstring."""
 
     name = "expr"
@@ -255,17 +255,6 @@ class ExprTask(GeneratedTask):
                     f"space is too small. Widen the operand/first-term/value ranges or "
                     f"n_terms, or ask for fewer.")
         return out
-
-    def extract_answer(self, text: str) -> str | None:
-        hits = _ANSWER_RE.findall(response_part(text).split(THINK_CLOSE)[-1]) if THINK_CLOSE in text \
-            else _ANSWER_RE.findall(text)
-        return hits[-1] if hits else None
-
-    def answers_equal(self, predicted: str, gold: str) -> bool:
-        try:
-            return int(predicted) == int(gold)
-        except ValueError:
-            return False
 
     def first_wrong_step(self, text: str, problem: Problem) -> int:
         steps = self.split_steps(text)
