@@ -563,6 +563,7 @@ def finish_chunk(model: Any, chunk: _Chunk, tokenizer: Any, cfg: GenerateConfig,
         head = torch.full(mask.shape, float("nan"), dtype=torch.float32, device=mask.device)
         if mask.any():
             f = chunk.feats[mask]                                        # (n_steps, C)
+            st = None
             if getattr(model, "uses_confidence", False):
                 from .confidence import TOPK
 
@@ -576,11 +577,8 @@ def finish_chunk(model: Any, chunk: _Chunk, tokenizer: Any, cfg: GenerateConfig,
                                        "(please report this bug)")
                 st = torch.stack([chunk.tok_logprob, chunk.tok_self_certainty,
                                   chunk.tok_confidence])                # (3, R, L)
-                head[mask] = model.masked_head_logits(
-                    scale_grad(chunk.feats, model.grad_scale), mask, stats=st,
-                    response_start=prompt_len)
-            else:
-                head[mask] = model.head_logits(scale_grad(f, model.grad_scale))
+            head[mask] = model.step_head_logits(scale_grad(f, model.grad_scale), mask, stats=st,
+                                                response_start=prompt_len)
         chunk.head = head
         chunk.feats = None
     return mask

@@ -320,12 +320,21 @@ class ReflectiveModel(nn.Module):
                            response_start: torch.Tensor | int = 0) -> torch.Tensor:
         """Head logits (N,) at the N positions where ``mask`` (B, L) is True.
 
-        ``features`` (B, L, C) (already gradient-scaled). With the confidence head the
-        step's token stats come from ``stats`` (3, B, L) (recorded by the decoder) or
-        are computed from the LM ``logits`` (B, L, V) of ``input_ids`` (B, L); they are
-        read from ``response_start`` (B,) or int on (see :mod:`metastone_lab.confidence`).
-        """
-        picked = features[mask]                                          # (N, C)
+        ``features`` (B, L, C) (already gradient-scaled); the rest as in
+        :meth:`step_head_logits`, which this calls on ``features[mask]``."""
+        return self.step_head_logits(features[mask], mask, logits=logits, input_ids=input_ids,
+                                     stats=stats, response_start=response_start)
+
+    def step_head_logits(self, picked: torch.Tensor, mask: torch.Tensor, *,
+                         logits: torch.Tensor | None = None,
+                         input_ids: torch.Tensor | None = None,
+                         stats: torch.Tensor | None = None,
+                         response_start: torch.Tensor | int = 0) -> torch.Tensor:
+        """Head logits (N,) of the N step rows ``picked`` (N, C) = features at ``mask``
+        (B, L). With the confidence head the step's token stats come from ``stats``
+        (3, B, L) (recorded by the decoder) or are computed from the LM ``logits``
+        (B, L, V) of ``input_ids`` (B, L); they are read from ``response_start`` (B,) or
+        int on (see :mod:`metastone_lab.confidence`). The reference head ignores them."""
         if self.uses_confidence:
             from .confidence import stats_from_logits, step_features
 
