@@ -37,7 +37,13 @@ def _expr_config():
 
 
 # tasks the tiny backbone can train on (they generate solutions) -> their config class
-_TASK_CONFIGS: dict[str, Callable[[], type]] = {"arith": _arith_config, "expr": _expr_config}
+def _solve_config():
+    from ..tasks.solve import SolveConfig
+    return SolveConfig
+
+
+_TASK_CONFIGS: dict[str, Callable[[], type]] = {"arith": _arith_config, "expr": _expr_config,
+                                                "solve": _solve_config}
 
 
 @dataclass
@@ -318,8 +324,8 @@ def build_tiny_backbone(cfg: TinyBackboneConfig | None = None, out_dir: str | Pa
     t0 = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    tokenizer = build_tokenizer(cfg.max_number)
     task = get_task(cfg.task_name, **cfg.task)
+    tokenizer = build_tokenizer(cfg.max_number, task.phrases)
     data = _encode(task, tokenizer, "train")
     model = make_model(cfg, tokenizer)
     n_params = _params(model)

@@ -30,13 +30,14 @@ PHRASES = (
 )
 
 
-def _pieces(max_number: int) -> list[tuple[str, float]]:
+def _pieces(max_number: int, extra_phrases: tuple[str, ...] = ()) -> list[tuple[str, float]]:
     pieces: list[tuple[str, float]] = [(t, 0.0) for t in SPECIAL_TOKENS.values()]
     pieces += [(f"<0x{b:02X}>", -20.0) for b in range(256)]
     chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
     pieces += [(c, -8.0) for c in chars]
     seen = {p for p, _ in pieces}
-    multi = list(PHRASES) + [str(i) for i in range(10, max_number + 1)]
+    # a task's own phrases come last, so the ids of every other piece do not depend on them
+    multi = list(PHRASES) + [str(i) for i in range(10, max_number + 1)] + list(extra_phrases)
     for p in multi:
         if p not in seen:
             pieces.append((p, -1.0))
@@ -44,13 +45,16 @@ def _pieces(max_number: int) -> list[tuple[str, float]]:
     return pieces
 
 
-def build_tokenizer(max_number: int = 999):
-    """A ``transformers`` fast tokenizer (HF format) for the tiny backbone."""
+def build_tokenizer(max_number: int = 999, extra_phrases: tuple[str, ...] = ()):
+    """A ``transformers`` fast tokenizer (HF format) for the tiny backbone.
+
+    ``extra_phrases``: a task's fixed phrases (``Task.phrases``), one token each,
+    appended after every other piece (``arith`` has none, so its ids never change)."""
     from tokenizers import AddedToken, Tokenizer, decoders
     from tokenizers.models import Unigram
     from transformers import PreTrainedTokenizerFast
 
-    pieces = _pieces(max_number)
+    pieces = _pieces(max_number, tuple(extra_phrases))
     unk_id = [p for p, _ in pieces].index(SPECIAL_TOKENS["unk_token"])
     tk = Tokenizer(Unigram(pieces, unk_id=unk_id, byte_fallback=True))
     tk.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])

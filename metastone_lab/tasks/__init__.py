@@ -1,4 +1,4 @@
-"""Tasks: problems with verifiable answers (and, for ``arith`` / ``expr``, step labels).
+"""Tasks: problems with verifiable answers (and, for ``arith`` / ``expr`` / ``solve``, step labels).
 
 >>> task = get_task("arith", n_ops_max=3)
 >>> p = task.problems("test", 1)[0]
@@ -14,11 +14,13 @@ from .arith import ArithConfig, ArithTask
 from .base import SPLITS, Problem, Task
 from .expr import ExprConfig, ExprTask
 from .jsonl import JsonlConfig, JsonlTask
+from .solve import SolveConfig, SolveTask
 
 TASKS: Registry[Callable[..., Task]] = Registry("task")
 TASKS.register("arith")(ArithTask)
 TASKS.register("expr")(ExprTask)
 TASKS.register("jsonl")(JsonlTask)
+TASKS.register("solve")(SolveTask)
 
 
 def get_task(name: str, **options: Any) -> Task:
@@ -27,4 +29,4 @@ def get_task(name: str, **options: Any) -> Task:
 
 
 __all__ = ["TASKS", "get_task", "Task", "Problem", "SPLITS", "ArithTask", "ArithConfig",
-           "ExprTask", "ExprConfig", "JsonlTask", "JsonlConfig"]
+           "ExprTask", "ExprConfig", "SolveTask", "SolveConfig", "JsonlTask", "JsonlConfig"]

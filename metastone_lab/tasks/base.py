@@ -62,6 +62,8 @@ class Task:
     """
 
     name: str = "task"
+    #: fixed phrases of the task's texts; the tiny backbone's tokenizer makes each one token
+    phrases: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self.stats: Counter = Counter()
