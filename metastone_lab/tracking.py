@@ -83,6 +83,10 @@ HTTP_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 PROBE_TIMEOUT_S = 5.0
+# SQLite serialises writers with a file lock, so concurrent writers (several sweeps,
+# their kernels) can see "database is locked": such a write did not commit and is
+# retried with exponential backoff, up to this many seconds in all.
+SQLITE_LOCK_RETRY_S = 60.0
 
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")
 _SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -208,26 +212,73 @@ def _flatten_params(params: Any) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- backends --
+def _is_sqlite_lock_error(e: BaseException) -> bool:
+    while e is not None:
+        if "database is locked" in str(e) or "database table is locked" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _store_init_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock on ``<db>.lock`` while a SQLite store is opened: MLflow creates
+    the schema of a new store without one, and two processes creating it at once fail
+    with ``table ... already exists``. No-op for other stores (and where ``fcntl`` is
+    missing, e.g. Windows)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    lock_path = Path(uri[len("sqlite:///"):] + ".lock")
+    with open(lock_path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class _MlflowBackend:
-    """Thin wrapper over ``MlflowClient``; every failure becomes TrackingError."""
+    """Thin wrapper over ``MlflowClient``; every failure becomes TrackingError.
+
+    SQLite stores are opened under :func:`_store_init_lock` (one process creates the
+    schema, the others wait and reuse it), and a write that fails with ``database is
+    locked`` is retried with backoff for up to :data:`SQLITE_LOCK_RETRY_S` seconds."""
 
     def __init__(self, uri: str):
         self.uri = uri
         configure_http_env()
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=uri)
+        with _store_init_lock(uri):
+            self.client = MlflowClient(tracking_uri=uri)
+            if uri.startswith("sqlite:///"):
+                # opens the store now (creating its schema if new), while the lock is held
+                self._call("open the store", self.client.search_experiments, max_results=1)
 
     def _call(self, what: str, fn, *a, **kw):
-        try:
-            return fn(*a, **kw)
-        except TrackingError:
-            raise
-        except Exception as e:  # MlflowException, requests errors, sqlite errors
-            raise TrackingError(
-                f"tracking store {self.uri}: {what} failed: {type(e).__name__}: {e}. "
-                f"{_fix_hint(self.uri)}"
-            ) from e
+        delay, waited = 0.05, 0.0
+        while True:
+            try:
+                return fn(*a, **kw)
+            except TrackingError:
+                raise
+            except Exception as e:  # MlflowException, requests errors, sqlite errors
+                if (self.uri.startswith("sqlite:///") and _is_sqlite_lock_error(e)
+                        and waited < SQLITE_LOCK_RETRY_S):
+                    time.sleep(delay)
+                    waited += delay
+                    delay = min(delay * 2, 2.0)
+                    continue
+                raise TrackingError(
+                    f"tracking store {self.uri}: {what} failed: {type(e).__name__}: {e}. "
+                    f"{_fix_hint(self.uri)}"
+                ) from e
 
     def experiment_id(self, name: str) -> str:
         def get_or_create():
