@@ -109,6 +109,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import sys
 import time
 import warnings
@@ -124,6 +125,10 @@ from .io_utils import atomic_write_json
 RESERVED = ("mlflow_run_id", "mlflow_parent_run_id", "tracking_uri", "spec_name",
             "point_name", "output_dir")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# which runner process owns a point run (so --resume can close the runs of a dead one)
+TAG_RUNNER_PID = "metastone.runner_pid"
+TAG_RUNNER_HOST = "metastone.runner_host"
+TAG_FAILURE = "metastone.failure"
 
 
 # -------------------------------------------------------------------- spec --
@@ -395,6 +400,7 @@ class _Sweep:
 
     def _point_tags(self, p: Point) -> dict:
         return {tracking.TAG_SPEC: self.spec.name, tracking.TAG_POINT: p.name,
+                TAG_RUNNER_PID: str(os.getpid()), TAG_RUNNER_HOST: socket.gethostname(),
                 tracking.TAG_POINT_HASH: p.params_hash, tracking.TAG_ROLE: "point",
                 tracking.TAG_NOTEBOOK: self.nb_rel, tracking.TAG_SWEEP: self.parent_id,
                 tracking.TAG_PARENT: self.parent_id,
@@ -434,6 +440,34 @@ class _Sweep:
         tracking.configure_http_env()
         self.backend = tracking._MlflowBackend(self.uri)
         self._open_parent()
+        if self.resume:
+            self.close_orphans()
+
+    def close_orphans(self) -> list[str]:
+        """--resume: point runs of this spec left RUNNING by a runner process that no
+        longer exists (killed, machine rebooted) are marked KILLED with the reason in
+        the tag ``metastone.failure``; their points then run again. Runs of a live
+        runner (a concurrent sweep) and of other hosts are left alone."""
+        be = self.backend
+        exp = be._call("get_experiment", be.client.get_experiment_by_name,
+                       self.spec.experiment_name)
+        if exp is None:
+            return []
+        runs = be._call("search_runs", be.client.search_runs, [exp.experiment_id],
+                        filter_string=(f"tags.`{tracking.TAG_SPEC}` = '{self.spec.name}' and "
+                                       f"tags.`{tracking.TAG_ROLE}` = 'point' and "
+                                       f"attributes.status = 'RUNNING'"), max_results=5000)
+        closed = []
+        for r in runs:
+            pid, host = r.data.tags.get(TAG_RUNNER_PID), r.data.tags.get(TAG_RUNNER_HOST)
+            if host != socket.gethostname() or not (pid or "").isdigit() or _alive(int(pid)):
+                continue
+            be.log_batch(r.info.run_id, (), None, {
+                TAG_FAILURE: f"runner process {pid} on {host} ended without closing this run "
+                             f"(killed?); closed by --resume, the point runs again"})
+            be.terminate(r.info.run_id, "KILLED")
+            closed.append(r.info.run_id)
+        return closed
 
     def finished_points(self) -> dict[str, str]:
         """{point name: params hash} of FINISHED child runs of this spec."""
@@ -681,6 +715,17 @@ def _table(spec: Spec, points: list[Point], results: dict, summaries: dict, mean
         rows.append({"point": "mean", "status": f"{len(summaries)} pts",
                      **{k: mean.get(k) for k in keys}})
     return pd.DataFrame(rows)
+
+
+def _alive(pid: int) -> bool:
+    """True if a process ``pid`` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 # ------------------------------------------------------------------ driver --

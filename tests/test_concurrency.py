@@ -154,3 +154,47 @@ def test_dead_kernel_fails_the_point_keeps_its_notebook_and_resume_reruns_only_i
         {"a-1": "skipped", "a-2": "ok", "a-3": "skipped"}, rep2["points"]
     assert statuses() == [("a-1", "FINISHED"), ("a-2", "FAILED"), ("a-2", "FINISHED"),
                           ("a-3", "FINISHED")]
+
+
+def test_runner_sigkilled_mid_sweep_then_resume_finishes_every_point_once(tmp_path):
+    """SIGKILL of `metastone-lab run` (and its kernel: the whole process group, as when
+    a terminal or a job is killed) while point a-2 executes; then `--resume`."""
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from metastone_lab import runner
+
+    uri = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    spec = _spec(tmp_path, "killed", grid={"a": [1, 2, 3]})
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    proc = subprocess.Popen(CLI + ["run", str(spec), "--runs-dir", str(tmp_path / "runs"),
+                                   "--no-progress"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "runs" / "killed" / "a-2" / "latest").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "a-2 never started"
+        time.sleep(0.05)
+    time.sleep(0.5)   # the kernel of a-2 is starting / running
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.get_experiment_by_name("killed")
+
+    def runs():
+        return sorted((r.data.tags.get(tracking.TAG_POINT), r.info.status)
+                      for r in c.search_runs([exp.experiment_id], filter_string=(
+                          f"tags.`{tracking.TAG_ROLE}` = 'point'")))
+
+    assert runs() == [("a-1", "FINISHED"), ("a-2", "RUNNING")]   # the orphan the kill left
+    rep = runner.run_spec(spec, root=REPO, runs_dir=tmp_path / "runs", tracking_uri=uri,
+                          progress=False, resume=True)
+    assert rep["exit_code"] == 0
+    assert runs() == [("a-1", "FINISHED"), ("a-2", "FINISHED"), ("a-2", "KILLED"),
+                      ("a-3", "FINISHED")]
+    (orphan,) = c.search_runs([exp.experiment_id], filter_string="attributes.status = 'KILLED'")
+    assert f"runner process {proc.pid}" in orphan.data.tags[runner.TAG_FAILURE]
+    sweeps = c.search_runs([exp.experiment_id],
+                           filter_string=f"tags.`{tracking.TAG_ROLE}` = 'sweep'")
+    assert [s.info.status for s in sweeps] == ["FINISHED"]   # the killed sweep, resumed
