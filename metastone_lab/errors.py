@@ -39,3 +39,8 @@ class NumericsError(MetastoneError, FloatingPointError):
 
 class TrackingError(MetastoneError, RuntimeError):
     """The MLflow tracking store cannot be reached or written."""
+
+
+class StorageError(MetastoneError, OSError):
+    """A write failed because the disk is full (or over quota); what was there before
+    is kept."""

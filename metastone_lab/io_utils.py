@@ -3,6 +3,7 @@ then ``os.replace``. A process killed mid-write leaves the old file intact."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -10,7 +11,30 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import MetastoneError
+from .errors import MetastoneError, StorageError
+
+#: errno values meaning "no room to write": full disk, quota, file too large
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def is_no_space(e: BaseException) -> bool:
+    """True if ``e`` (or what caused it) is a full-disk / quota error. torch.save
+    reports one as a RuntimeError ("file write failed"), which counts too."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            return True
+        if isinstance(e, RuntimeError) and "file write failed" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def storage_error(path: str | os.PathLike, e: BaseException, kept: str) -> StorageError:
+    """The error for a write to ``path`` that ran out of space; ``kept`` says what survived."""
+    return StorageError(
+        errno.ENOSPC,
+        f"cannot write {str(path)!r}: no space left on the device ({e}). {kept} Free disk "
+        f"space, or write elsewhere (--runs-dir, output_dir, METASTONE_LAB_CACHE), and run again")
 
 
 def _ensure_dir(path: Path) -> None:
@@ -52,8 +76,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
+        if is_no_space(e) and not isinstance(e, StorageError):
+            raise storage_error(path, e, "The previous version of the file (if any) is "
+                                         "unchanged.") from e
         raise
 
 
@@ -82,8 +109,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_no_space(e) and not isinstance(e, StorageError):
+            raise storage_error(path, e, "The previous version of the folder (if any) is "
+                                         "unchanged.") from e
         raise
     old = None
     if path.exists():

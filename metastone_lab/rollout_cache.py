@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import ConfigError
-from .io_utils import atomic_write_json, atomic_write_text
+from .io_utils import atomic_dir, atomic_write_json, atomic_write_text
 
 VERSION = 1
 #: StudyConfig fields that only change how scored trajectories are *read*, never
@@ -133,12 +133,14 @@ class RolloutCache:
 
     def store(self, key: str, content: Any, test: Sequence[Any], val: Sequence[Any],
               record: dict) -> Path:
+        """Write the entry in a temporary folder that replaces ``entry(key)`` only when
+        complete: a failed write (full disk, kill) leaves any earlier entry as it was."""
         d = self.entry(key)
-        (d / "COMPLETE").unlink(missing_ok=True)
-        atomic_write_json(d / "key.json", content)
-        atomic_write_text(d / "samples.json", json.dumps(
-            {"test": samples_to_json(test), "val": samples_to_json(val)},
-            separators=(",", ":"), default=str))
-        atomic_write_json(d / "train.json", record)
-        atomic_write_json(d / "COMPLETE", {"key": key})
+        with atomic_dir(d) as tmp:
+            atomic_write_json(tmp / "key.json", content)
+            atomic_write_text(tmp / "samples.json", json.dumps(
+                {"test": samples_to_json(test), "val": samples_to_json(val)},
+                separators=(",", ":"), default=str))
+            atomic_write_json(tmp / "train.json", record)
+            atomic_write_json(tmp / "COMPLETE", {"key": key})
         return d

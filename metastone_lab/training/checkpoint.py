@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
-from ..io_utils import atomic_write_text
+from ..io_utils import atomic_write_text, is_no_space, storage_error
 
 PREFIX = "ckpt-"
 LATEST = "latest"
@@ -119,29 +119,41 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, parts: CheckpointPart
     out_dir.mkdir(parents=True, exist_ok=True)
     clean_stale(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{PREFIX}{step}.tmp-", dir=out_dir))
-    parts.policy.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
-    _written("adapter")
-    if parts.head is not None:
-        save_score_module(parts.head, tmp / "score_module.pt")
-        _written("score_module.pt")
-    if parts.prm_head is not None:
-        save_score_module(parts.prm_head, tmp / "prm_score_module.pt")
-        _written("prm_score_module.pt")
-    for name, opt in parts.optimizers.items():
-        torch.save(opt.state_dict(), tmp / f"optim-{name}.pt")
-        _written(f"optim-{name}.pt")
-    for rank, st in enumerate(parts.rng_states):
-        torch.save(st, tmp / f"rng-{rank}.pt")
-        _written(f"rng-{rank}.pt")
-    state = dict(parts.state, step=int(step), optimizers=sorted(parts.optimizers),
-                 world_size=len(parts.rng_states))
-    (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True, default=str) + "\n")
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    _written(STATE)
+    try:
+        parts.policy.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+        _written("adapter")
+        if parts.head is not None:
+            save_score_module(parts.head, tmp / "score_module.pt")
+            _written("score_module.pt")
+        if parts.prm_head is not None:
+            save_score_module(parts.prm_head, tmp / "prm_score_module.pt")
+            _written("prm_score_module.pt")
+        for name, opt in parts.optimizers.items():
+            torch.save(opt.state_dict(), tmp / f"optim-{name}.pt")
+            _written(f"optim-{name}.pt")
+        for rank, st in enumerate(parts.rng_states):
+            torch.save(st, tmp / f"rng-{rank}.pt")
+            _written(f"rng-{rank}.pt")
+        state = dict(parts.state, step=int(step), optimizers=sorted(parts.optimizers),
+                     world_size=len(parts.rng_states))
+        (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True, default=str) + "\n")
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        _written(STATE)
+    except BaseException as e:
+        if not is_no_space(e):
+            raise  # a kill mid-write: the temp dir is cleaned by the next save
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            prev = find_resume_checkpoint(out_dir)
+        except Exception:  # noqa: BLE001 - the disk error is the one to report
+            prev = None
+        raise storage_error(tmp.parent / f"{PREFIX}{step}", e, (
+            f"Checkpoint {step} was not written; the latest complete one "
+            f"({prev.name if prev else 'none'}) is unchanged and resumable.")) from e
     final = out_dir / f"{PREFIX}{step}"
     if final.exists():  # re-saving the same step (e.g. final == periodic): replace it
         old = out_dir / f".{PREFIX}{step}.tmp-old"
