@@ -332,7 +332,7 @@ def test_22_parameter_not_declared_by_notebook(tmp_path):
                                            grid={"bb": [1, 2]}), root=REPO)
     with pytest.raises(ConfigError, match=r"point 0 \(bb-1\) of tiny_study\.ipynb: parameter 'bb' is "
                                           r"not declared.*Did you mean 'b'\?.*Valid names: a, b, "
-                                          r"fail_if_exists, label, seed\. Fix the spec/--set"):
+                                          r"fail_if_exists, kill_at_a, kill_if_exists, label, seed\. Fix the spec/--set"):
         runner.validate_points(runner.expand_points(spec), nb)
     # the same through --set
     spec, nb = runner.load_spec(write_spec(tmp_path, "s2"), overrides=["lable=y"], root=REPO)

@@ -69,7 +69,7 @@ def test_spec_errors_name_key_and_fix(tmp_path):
 
 
 @pytest.mark.parametrize("params, pattern", [
-    ({"aa": 1}, r"parameter 'aa' is not declared.*Did you mean 'a'.*Valid names: a, b, fail_if_exists, label, seed\."),
+    ({"aa": 1}, r"parameter 'aa' is not declared.*Did you mean 'a'.*Valid names: a, b, fail_if_exists, kill_at_a, kill_if_exists, label, seed\."),
     ({"a": 1.5}, r"parameter 'a' = 1.5 is a float, but the notebook declares int"),
     ({"b": "x"}, r"parameter 'b' = 'x' is a str, but the notebook declares float"),
     ({"label": True}, r"declares str"),
