@@ -199,7 +199,8 @@ def test_ignore_eos_gives_full_length(tok, model):
 
 
 SEGMENTERS = [("reference", {}), ("paragraph", {}), ("sentence", {}),
-              ("regex", {"pattern": r"\.\n\n"}), ("fixed", {"n": 3})]
+              ("regex", {"pattern": r"\.\n\n"}), ("fixed", {"n": 3}),
+              ("reference", {"conclusion": True})]
 
 
 @pytest.mark.parametrize("head_mode", ["per_step", "deferred"])
@@ -224,6 +225,8 @@ def test_inflight_scores_equal_reforward(tok, model, segmenter, options, read_at
         n_steps += t.n_steps
         all_scores += t.step_scores
     assert n_steps >= 3, "test is vacuous: too few steps sampled"
+    if options.get("conclusion"):   # some sample closed its reasoning: a conclusion mark was read
+        assert any(tok.convert_tokens_to_ids("</think>") in t.token_ids for t in out)
     # scores differ across positions, so reading the wrong position would be caught
     assert max(all_scores) - min(all_scores) > 1e-3
 

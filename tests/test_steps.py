@@ -376,3 +376,33 @@ def test_sentencepiece_leading_space_is_restored():
         assert positions(m) == [[2]]  # the second '.' is followed by '1', not whitespace
         r = step_mask(ids, t, "regex", read_at="step_token", pattern=r"end\. The")
         assert positions(r) == [[3]]
+
+
+# ------------------------------------------------------------------ rule 7: the conclusion as a step
+def test_conclusion_mark_reads_the_end_of_a_closed_response(tok):
+    # 0:T 1:a 2:S 3:b 4:S 5:E 6:c 7:.
+    ids = ids_of(tok, "<think>a.\n\nb.\n\n</think>c.")
+    for span in ("train", "inference"):
+        assert positions(step_mask(ids, tok, span=span, conclusion=True)) == [[1, 3, 6]]
+        assert positions(step_mask(ids, tok, span=span, read_at="step_token",
+                                   conclusion=True)) == [[2, 4, 7]]
+        assert positions(step_mask(ids, tok, span=span)) == [[1, 3]]   # off by default
+    # no </think> in the response (truncated, or before response_start): no conclusion mark
+    open_ids = ids_of(tok, "<think>a.\n\nb.\n\nc.")
+    assert positions(step_mask(open_ids, tok, conclusion=True)) == positions(step_mask(open_ids, tok))
+    assert positions(step_mask(ids, tok, conclusion=True, response_start=6)) == [[]]
+
+
+@pytest.mark.parametrize("read_at", ["before_step_token", "step_token"])
+def test_conclusion_mark_is_padding_invariant(tok, read_at):
+    rows = [enc(tok, t) for t in ("<think>a.\n\n</think>c.", "<think>a.\n\nb.\n\nc.\n\n</think>The")]
+    expected = [positions(step_mask(torch.tensor([r]), tok, read_at=read_at, conclusion=True))[0]
+                for r in rows]
+    L = max(len(r) for r in rows)
+    for side in ("left", "right"):
+        ids, att = pad(rows, side, tok.pad_token_id)
+        got = positions(step_mask(ids, tok, read_at=read_at, attention_mask=att, conclusion=True))
+        for r, e, g in zip(rows, expected, got):
+            off = L - len(r) if side == "left" else 0
+            assert g == [p + off for p in e], (side, r)
+    assert [len(e) for e in expected] == [2, 4]
