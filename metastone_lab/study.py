@@ -179,8 +179,10 @@ def backbone_config(cfg: StudyConfig):
 def prepare_backbone(cfg: StudyConfig):
     """(model, tokenizer) for ``cfg.backbone``; the tiny default is built on first use
     (``backbone_options`` select another member of the tiny family, built and cached)."""
+    from . import threads
     from .backbones import load_backbone
 
+    threads.configure()  # threads sized to this process's cores (METASTONE_LAB_JOBS shares them)
     bcfg = backbone_config(cfg)
     if bcfg is not None:
         return load_backbone(cfg.backbone, config=bcfg)
