@@ -42,9 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
-    from .threads import configure_env
-
-    configure_env()  # before any worker (kernel, accelerate rank) starts: they inherit it
     for n in (2, 1):
         key = tuple(argv[:n])
         if key in COMMANDS:

@@ -56,6 +56,7 @@ from typing import Any, Sequence
 
 import torch
 
+from . import threads
 from .config import check, from_dict
 from .errors import ConfigError, NumericsError, ShapeError
 from .registry import Registry
@@ -686,6 +687,7 @@ def generate_best_of_n(model: Any, tokenizer: Any, problems: Sequence[Any], task
     results = []
     try:
         for pi, problem in enumerate(problems):
+            threads.rebalance()  # share the cores with metastone-lab jobs started since
             prompt_ids = encode_prompt(tokenizer, problem.prompt)
             _check_context(model, len(prompt_ids), cfg, getattr(problem, "id", pi))
             gen = torch.Generator(device="cpu").manual_seed(int(cfg.seed) * 1_000_003 + pi)

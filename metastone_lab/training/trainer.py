@@ -324,6 +324,9 @@ class Trainer:
         ``policy_only`` runs the GRPO update without the head (plain LM forward): the
         benchmark baseline for the joint step on the same rollouts.
         """
+        from .. import threads
+
+        threads.rebalance()  # share the cores with metastone-lab jobs started since
         from ..loss import LOSSES
         from ..scoring import aggregate
 
