@@ -29,7 +29,7 @@ def is_no_space(e: BaseException) -> bool:
     return False
 
 
-def storage_error(path: str | os.PathLike, e: BaseException, kept: str) -> StorageError:
+def storage_error(path: str | os.PathLike, e: BaseException | str, kept: str) -> StorageError:
     """The error for a write to ``path`` that ran out of space; ``kept`` says what survived."""
     return StorageError(
         errno.ENOSPC,
@@ -111,9 +111,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if is_no_space(e) and not isinstance(e, StorageError):
-            raise storage_error(path, e, "The previous version of the folder (if any) is "
-                                         "unchanged.") from e
+        if is_no_space(e):  # also a StorageError of a file inside: name the folder
+            raise storage_error(path, os.strerror(errno.ENOSPC) if isinstance(e, StorageError) else e,
+                                "The previous version of the folder (if any) is unchanged.") from e
         raise
     old = None
     if path.exists():
