@@ -121,6 +121,7 @@ from . import tracking
 from .config import check, from_dict, load_yaml, parse_override
 from .errors import ConfigError, TrackingError
 from .io_utils import atomic_write_json
+from .threads import pid_alive
 
 RESERVED = ("mlflow_run_id", "mlflow_parent_run_id", "tracking_uri", "spec_name",
             "point_name", "output_dir")
@@ -460,7 +461,7 @@ class _Sweep:
         closed = []
         for r in runs:
             pid, host = r.data.tags.get(TAG_RUNNER_PID), r.data.tags.get(TAG_RUNNER_HOST)
-            if host != socket.gethostname() or not (pid or "").isdigit() or _alive(int(pid)):
+            if host != socket.gethostname() or not (pid or "").isdigit() or pid_alive(int(pid)):
                 continue
             be.log_batch(r.info.run_id, (), None, {
                 TAG_FAILURE: f"runner process {pid} on {host} ended without closing this run "
@@ -715,17 +716,6 @@ def _table(spec: Spec, points: list[Point], results: dict, summaries: dict, mean
         rows.append({"point": "mean", "status": f"{len(summaries)} pts",
                      **{k: mean.get(k) for k in keys}})
     return pd.DataFrame(rows)
-
-
-def _alive(pid: int) -> bool:
-    """True if a process ``pid`` exists on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 # ------------------------------------------------------------------ driver --

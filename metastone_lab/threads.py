@@ -61,7 +61,8 @@ def jobs_dir() -> Path:
     return cache_root() / "jobs"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True if a process ``pid`` exists on this machine (owned by anyone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -82,7 +83,7 @@ def live_jobs() -> int:
     for f in entries:
         if not f.name.isdigit():
             continue
-        if _alive(int(f.name)):
+        if pid_alive(int(f.name)):
             n += 1
         else:
             f.unlink(missing_ok=True)

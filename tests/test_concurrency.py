@@ -26,6 +26,17 @@ def _spec(tmp_path: Path, name: str, **kw) -> Path:
     return p
 
 
+def _point_statuses(uri: str, experiment: str) -> list[tuple[str, str]]:
+    """Sorted (point name, status) of the point runs of an experiment."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.get_experiment_by_name(experiment)
+    return sorted((r.data.tags.get(tracking.TAG_POINT), r.info.status)
+                  for r in c.search_runs([exp.experiment_id],
+                                         filter_string=f"tags.`{tracking.TAG_ROLE}` = 'point'"))
+
+
 def test_three_sweeps_at_once_on_one_fresh_sqlite_store(tmp_path):
     """Three `metastone-lab run` processes start together on a store that does not exist
     yet (the schema is created by whoever comes first). All finish; every parent run and
@@ -119,8 +130,6 @@ def test_hung_server_is_a_clear_error_within_30s_runner(tmp_path, silent_server)
 
 def test_dead_kernel_fails_the_point_keeps_its_notebook_and_resume_reruns_only_it(tmp_path):
     """The kernel of point a-2 is SIGKILLed mid-notebook (as by the OOM killer)."""
-    from mlflow.tracking import MlflowClient
-
     from metastone_lab import runner
 
     uri = f"sqlite:///{tmp_path / 'db.sqlite'}"
@@ -138,14 +147,7 @@ def test_dead_kernel_fails_the_point_keeps_its_notebook_and_resume_reruns_only_i
     assert "kill_if_exists" in nb and '"score"' not in nb      # what ran so far, not the rest
     reason = (folder / "traceback.txt").read_text()
     assert "DeadKernel" in reason or "died" in reason.lower(), reason
-    c = MlflowClient(tracking_uri=uri)
-    exp = c.get_experiment_by_name("dead-kernel")
-
-    def statuses():
-        return sorted((r.data.tags.get(tracking.TAG_POINT), r.info.status)
-                      for r in c.search_runs([exp.experiment_id], filter_string=(
-                          f"tags.`{tracking.TAG_ROLE}` = 'point'")))
-
+    statuses = lambda: _point_statuses(uri, "dead-kernel")  # noqa: E731
     assert statuses() == [("a-1", "FINISHED"), ("a-2", "FAILED"), ("a-3", "FINISHED")]
     marker.unlink()
     rep2 = run(resume=True)
@@ -181,12 +183,7 @@ def test_runner_sigkilled_mid_sweep_then_resume_finishes_every_point_once(tmp_pa
     proc.wait(timeout=30)
     c = MlflowClient(tracking_uri=uri)
     exp = c.get_experiment_by_name("killed")
-
-    def runs():
-        return sorted((r.data.tags.get(tracking.TAG_POINT), r.info.status)
-                      for r in c.search_runs([exp.experiment_id], filter_string=(
-                          f"tags.`{tracking.TAG_ROLE}` = 'point'")))
-
+    runs = lambda: _point_statuses(uri, "killed")  # noqa: E731
     assert runs() == [("a-1", "FINISHED"), ("a-2", "RUNNING")]   # the orphan the kill left
     rep = runner.run_spec(spec, root=REPO, runs_dir=tmp_path / "runs", tracking_uri=uri,
                           progress=False, resume=True)
