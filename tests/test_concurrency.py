@@ -195,3 +195,59 @@ def test_runner_sigkilled_mid_sweep_then_resume_finishes_every_point_once(tmp_pa
     sweeps = c.search_runs([exp.experiment_id],
                            filter_string=f"tags.`{tracking.TAG_ROLE}` = 'sweep'")
     assert [s.info.status for s in sweeps] == ["FINISHED"]   # the killed sweep, resumed
+
+
+def test_same_config_same_summary_alone_in_a_sweep_and_beside_another_sweep(tmp_path):
+    """Issue 16 §8 on one machine: the quickstart point (micro backbone, seed 0) run alone, as
+    one point of a seed sweep, and while another sweep runs at once in a second process (so
+    the thread sharing of metastone_lab.threads is active), gives the same summary.
+    Timing keys are left out."""
+    import json
+
+    from metastone_lab import runner
+
+    from metastone_lab.backbones import TinyBackboneConfig, build_tiny_backbone
+
+    micro = tmp_path / "micro"   # a trained micro backbone: it writes steps and some right answers
+    build_tiny_backbone(TinyBackboneConfig.micro(), micro, log=lambda *_: None)
+    params = {"backbone": str(micro), "train_mode": "head_only", "train_steps": 2,
+              "filter_warmup_steps": 1, "k_max": 4, "n_test": 6, "n_val": 2, "val_k": 2,
+              "max_new_tokens": 40, "train": {"n": 2, "prompts_per_step": 2, "eval_every": 0}}
+    nb = str(REPO / "notebooks" / "quickstart.ipynb")
+
+    def spec(name, **kw):
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(yaml.safe_dump({"name": name, "notebook": nb, "parameters": params, **kw}))
+        return p
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    runs = tmp_path / "runs"
+
+    def summary(spec_name, point):
+        """The point's summary and training log, less the timing fields."""
+        d = runner.latest_dir(runs / spec_name / point)
+        s = json.loads((d / "summary.json").read_text())
+        log = [json.loads(x) for f in sorted((d / "train").rglob("metrics.jsonl"))
+               for x in f.read_text().splitlines()]
+        timing = lambda k: k.endswith(("_seconds", "_s")) or "per_s" in k  # noqa: E731
+        return ({k: v for k, v in s.items() if not timing(k)},
+                [{k: v for k, v in r.items() if not timing(k)} for r in log])
+
+    rep = runner.run_spec(spec("alone"), root=REPO, runs_dir=runs, tracking_uri=uri, progress=False)
+    assert rep["exit_code"] == 0
+    rep = runner.run_spec(spec("sweep", grid={"seed": [0, 1]}), root=REPO, runs_dir=runs,
+                          tracking_uri=uri, progress=False)
+    assert rep["exit_code"] == 0
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    procs = [subprocess.Popen(CLI + ["run", str(spec(n, **kw)), "--runs-dir", str(runs), "--no-progress"],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+             for n, kw in (("beside", {}), ("other", {"grid": {"seed": [1, 2]}}))]
+    for p in procs:
+        out = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, out[-3000:]
+    alone = summary("alone", "default")
+    assert alone[0]["auroc"] is not None and alone[1][-1]["spr_loss"] > 0   # not vacuous
+    assert summary("sweep", "seed-0") == alone
+    assert summary("beside", "default") == alone
+    assert summary("sweep", "seed-1") != alone   # the comparison can fail: another seed differs
