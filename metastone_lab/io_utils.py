@@ -19,11 +19,15 @@ _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 def is_no_space(e: BaseException) -> bool:
     """True if ``e`` (or what caused it) is a full-disk / quota error. torch.save
-    reports one as a RuntimeError ("file write failed"), which counts too."""
+    reports one as a RuntimeError ("file write failed") and safetensors as its own error
+    type ("No space left on device" / "StorageFull"); both count."""
     while e is not None:
         if isinstance(e, OSError) and e.errno in _NO_SPACE:
             return True
         if isinstance(e, RuntimeError) and "file write failed" in str(e):
+            return True
+        # safetensors (Rust) reports it in its own exception type
+        if "No space left on device" in str(e) or "StorageFull" in str(e):
             return True
         e = e.__cause__ or e.__context__
     return False

@@ -1,14 +1,18 @@
 """A full disk (ENOSPC) during a checkpoint, a rollout-cache entry or an atomic file write:
 the previous version stays valid and the error names the path and the fix.
 
-The failure is injected at the write call (this machine cannot mount a size-limited file
-system without privileges): the OS error a full disk raises, ``OSError(ENOSPC)``, and the
-``RuntimeError("... file write failed")`` torch.save raises for it."""
+The failure is injected at the write call: the OS error a full disk raises,
+``OSError(ENOSPC)``, and the ``RuntimeError("... file write failed")`` torch.save raises for
+it. The last two tests do the same on a real 8 MB tmpfs filled to the last byte (they need
+root to mount it and are skipped elsewhere)."""
 from __future__ import annotations
 
 import errno
 import json
+import os
 import pathlib
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -98,3 +102,63 @@ def test_rollout_cache_entry_on_a_full_disk_keeps_the_earlier_entry(tmp_path, mo
     monkeypatch.undo()
     assert cache.load("k1") == ([], [], {"steps_done": 3})   # the earlier entry, intact
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["k1"]
+
+
+# ------------------------------------------------------- the same on a real full file system
+def _can_mount() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("mount") is not None
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 8 MB tmpfs (root only; skipped elsewhere), and a function that fills it."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    if not _can_mount() or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs",
+                                           str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a size-limited tmpfs here (needs root)")
+
+    def fill():
+        with open(mnt / "filler", "ab", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+    try:
+        yield mnt, fill
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_real_full_disk_keeps_the_old_file_and_cache_entry(small_fs):
+    mnt, fill = small_fs
+    f = mnt / "summary.json"
+    atomic_write_json(f, {"v": 1})
+    cache = RolloutCache(mnt / "cache")
+    cache.store("k1", {"c": 1}, [], [], {"steps_done": 3})
+    fill()
+    with pytest.raises(StorageError, match="no space left") as ei:
+        atomic_write_json(f, {"v": "x" * 300_000})
+    assert str(f) in str(ei.value)
+    with pytest.raises(StorageError):
+        cache.store("k1", {"c": 1}, [], [], {"steps_done": 4, "pad": "x" * 300_000})
+    assert json.loads(f.read_text()) == {"v": 1}
+    assert cache.load("k1") == ([], [], {"steps_done": 3})
+    assert sorted(p.name for p in mnt.iterdir()) == ["cache", "filler", "summary.json"]
+
+
+def test_real_full_disk_during_a_checkpoint_keeps_the_last_one(micro, small_fs):
+    mnt, fill = small_fs
+    t = make_trainer(micro)
+    t.step = 1
+    t.save(mnt / "train")
+    fill()
+    t.step = 2
+    with pytest.raises(StorageError) as ei:
+        t.save(mnt / "train")
+    assert "ckpt-1" in str(ei.value) and str(mnt / "train") in str(ei.value)
+    assert not list((mnt / "train").glob(".ckpt-*"))
+    assert ck.find_resume_checkpoint(mnt / "train").name == "ckpt-1"
+    (mnt / "filler").unlink()
+    make_trainer(micro).load(mnt / "train" / "ckpt-1")
