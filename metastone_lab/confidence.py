@@ -11,7 +11,7 @@ gives the head what the decoder has already computed at every sampled token
 forward) summarised over the step, next to the hidden state:
 
 ==================  ====================================================
-``last_logprob``    g(log p) of the token at the read position
+``last_logprob``    g(log p) of the span's last token (the step token)
 ``min_logprob``     g(lowest token log p in the step)
 ``mean_logprob``    g(mean token log p in the step)
 ``self_certainty``  mean token KL(Uniform || p) in the step, / log V
@@ -24,9 +24,14 @@ p = 0.9 differ by 0.001 vs 0.1 in log p, which a ReLU head initialised near 0
 cannot tell apart (measured: a head on raw log-probs scored 72 of 100 problems'
 best samples as exact ties), but by about 4.5 in g.
 
-A step spans the response tokens after the previous read position (or from the
-response start) up to and including the read position, so the features are
-causal: everything they use was known when the read position was decoded. The
+A step spans the response tokens after the previous step (or from the response
+start) through its **step token**: the read position itself (``read_at:
+step_token``), or the token after it (``before_step_token``, the reference read:
+the step token was sampled from the logits at the read position, so its stats
+are known when the mark is; ``lookahead = 1``, :func:`lookahead`). The
+features are causal: everything they use was known when the step was marked.
+For the conclusion mark (``steps.step_mask(conclusion=True)``) the step token is
+the response's last token (the EOS), so a premature or unlikely end is seen. The
 head stays self-supervised: it still learns from outcome labels only.
 
 ``head_inputs="confidence"`` is the ablation that drops the hidden state: the
@@ -70,13 +75,21 @@ def stats_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, topk: int =
     return out
 
 
+def lookahead(read_at: str) -> int:
+    """How many tokens after its read position a step's span runs: 1 for the
+    reference read (``before_step_token``: the span ends with the step token), else 0."""
+    return 1 if read_at == "before_step_token" else 0
+
+
 def step_features(stats: torch.Tensor, mask: torch.Tensor, response_start: torch.Tensor | int,
-                  vocab_size: int) -> torch.Tensor:
+                  vocab_size: int, lookahead: int = 0) -> torch.Tensor:
     """Confidence features (N, :data:`N_CONFIDENCE`) of the N masked read positions.
 
     ``stats`` (3, B, L) token stats aligned with the sequence (column q = token q; NaN
     where unknown), ``mask`` (B, L) bool read positions, ``response_start`` (B,) or an
-    int: the first response column. Rows come in ``mask.nonzero()`` order, i.e. the
+    int: the first response column, ``lookahead``: a step read at ``p`` spans through
+    column ``p + lookahead`` (its step token; :func:`lookahead` of the read position;
+    clipped to the row, never past the next read). Rows come in ``mask.nonzero()`` order, i.e. the
     order of ``features[mask]``. A step with no known response token (a read position
     before ``response_start``, or NaN stats) gets a fixed row, never NaN: g(0) for the
     three log-prob features, 1 for self-certainty (its maximum, a one-hot p) and 0 for
@@ -92,9 +105,12 @@ def step_features(stats: torch.Tensor, mask: torch.Tensor, response_start: torch
     st = stats.float()
     for b in range(B):
         begin = starts[b]
-        for p in mask[b].nonzero().flatten().tolist():
+        reads = mask[b].nonzero().flatten().tolist()
+        for i, p in enumerate(reads):
             lo = max(begin, 1)
-            seg = st[:, b, lo:p + 1]                  # (3, n); empty for a read before lo
+            end = min(p + lookahead, L - 1, reads[i + 1] - 1 if i + 1 < len(reads) else L - 1)
+            end = max(end, p)
+            seg = st[:, b, lo:end + 1]                # (3, n); empty for a read before lo
             lp, sc, cf = seg[0], seg[1], seg[2]
             ok = ~torch.isnan(lp)
             if ok.numel() and ok.any():
@@ -106,7 +122,7 @@ def step_features(stats: torch.Tensor, mask: torch.Tensor, response_start: torch
                 z = _g(torch.zeros((), device=stats.device))
                 rows.append(torch.stack([z, z, z, torch.ones((), device=stats.device),
                                          torch.zeros((), device=stats.device)]))
-            begin = p + 1
+            begin = end + 1
     if not rows:
         return torch.zeros((0, N_CONFIDENCE), dtype=torch.float32, device=stats.device)
     return torch.stack(rows).float()

@@ -57,6 +57,7 @@ from typing import Any, Sequence
 import torch
 
 from . import threads
+from .confidence import lookahead
 from .config import check, from_dict
 from .errors import ConfigError, NumericsError, ShapeError
 from .registry import Registry
@@ -579,7 +580,8 @@ def finish_chunk(model: Any, chunk: _Chunk, tokenizer: Any, cfg: GenerateConfig,
                 st = torch.stack([chunk.tok_logprob, chunk.tok_self_certainty,
                                   chunk.tok_confidence])                # (3, R, L)
             head[mask] = model.step_head_logits(scale_grad(f, model.grad_scale), mask, stats=st,
-                                                response_start=prompt_len)
+                                                response_start=prompt_len,
+                                                lookahead=lookahead(cfg.read_at))
         chunk.head = head
         chunk.feats = None
     return mask
@@ -753,7 +755,8 @@ def reforward_scores(model: Any, tokenizer: Any, sequences: Sequence[Sequence[in
                                       f"{model.head_inputs!r} reads the response's token stats; "
                                       "pass prompt_lens= (where each response starts)")
                 starts = torch.tensor(list(prompt_lens[b:b + batch_size]))
-                res = model(ids, attention_mask=attn, step_mask=mask, response_start=starts)
+                res = model(ids, attention_mask=attn, step_mask=mask, response_start=starts,
+                            lookahead=lookahead(cfg.read_at))
             else:
                 res = model(ids, attention_mask=attn)
             for i in range(len(batch)):

@@ -317,24 +317,29 @@ class ReflectiveModel(nn.Module):
                            logits: torch.Tensor | None = None,
                            input_ids: torch.Tensor | None = None,
                            stats: torch.Tensor | None = None,
-                           response_start: torch.Tensor | int = 0) -> torch.Tensor:
+                           response_start: torch.Tensor | int = 0,
+                           lookahead: int = 0) -> torch.Tensor:
         """Head logits (N,) at the N positions where ``mask`` (B, L) is True.
 
         ``features`` (B, L, C) (already gradient-scaled); the rest as in
         :meth:`step_head_logits`, which this calls on ``features[mask]``."""
         return self.step_head_logits(features[mask], mask, logits=logits, input_ids=input_ids,
-                                     stats=stats, response_start=response_start)
+                                     stats=stats, response_start=response_start,
+                                     lookahead=lookahead)
 
     def step_head_logits(self, picked: torch.Tensor, mask: torch.Tensor, *,
                          logits: torch.Tensor | None = None,
                          input_ids: torch.Tensor | None = None,
                          stats: torch.Tensor | None = None,
-                         response_start: torch.Tensor | int = 0) -> torch.Tensor:
+                         response_start: torch.Tensor | int = 0,
+                         lookahead: int = 0) -> torch.Tensor:
         """Head logits (N,) of the N step rows ``picked`` (N, C) = features at ``mask``
         (B, L). With the confidence head the step's token stats come from ``stats``
         (3, B, L) (recorded by the decoder) or are computed from the LM ``logits``
         (B, L, V) of ``input_ids`` (B, L); they are read from ``response_start`` (B,) or
-        int on (see :mod:`metastone_lab.confidence`). The reference head ignores them."""
+        int on, each step through ``lookahead`` tokens after its read position
+        (``confidence.lookahead(read_at)``; see :mod:`metastone_lab.confidence`). The
+        reference head ignores them."""
         if self.uses_confidence:
             from .confidence import stats_from_logits, step_features
 
@@ -343,7 +348,7 @@ class ReflectiveModel(nn.Module):
                     raise ConfigError("the hidden+confidence head needs the LM logits and "
                                       "input_ids (or the decoder's token stats)")
                 stats = stats_from_logits(logits, input_ids)
-            conf = step_features(stats, mask, response_start, self._vocab_size)
+            conf = step_features(stats, mask, response_start, self._vocab_size, lookahead)
             conf = conf.to(device=picked.device, dtype=picked.dtype)
             picked = conf if self.head_inputs == "confidence" else torch.cat([picked, conf], -1)
         return self.head_logits(picked)
@@ -380,12 +385,15 @@ class ReflectiveModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 step_mask: torch.Tensor | None = None,
-                response_start: torch.Tensor | int = 0, **kw: Any) -> ReflectiveOutput:
+                response_start: torch.Tensor | int = 0, lookahead: int = 0,
+                **kw: Any) -> ReflectiveOutput:
         """Run the backbone once; ``input_ids`` (B, L) -> :class:`ReflectiveOutput`.
 
         ``step_mask`` (B, L) bool: when given, ``step_logits`` holds the head only at its
         True positions (0 elsewhere). The confidence head requires it (its features
-        are per step); ``response_start`` then says where each response begins."""
+        are per step); ``response_start`` then says where each response begins and
+        ``lookahead`` how far past its read position a step runs
+        (``confidence.lookahead(read_at)``)."""
         if input_ids.dim() != 2:
             raise ShapeError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
@@ -405,7 +413,8 @@ class ReflectiveModel(nn.Module):
         else:
             mask = step_mask.bool()
             picked = self.masked_head_logits(features, mask, logits=out.logits,
-                                             input_ids=input_ids, response_start=response_start)
+                                             input_ids=input_ids, response_start=response_start,
+                                             lookahead=lookahead)
             step_logits = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device)
             step_logits = step_logits.masked_scatter(mask, picked)
         return ReflectiveOutput(

@@ -453,13 +453,14 @@ def step_mask(
             step token lies before it are dropped (rule 6, reference training).
         first_of_run / skip_after_think: rules 2 and 3 (default: the strategy's default,
             True except for ``fixed``).
-        conclusion: also score the conclusion as one more step (rule 7, a named
-            deviation from the reference, which scores the reasoning steps only): a row
-            whose response closes its reasoning (a ``</think>`` at or after
-            ``response_start``) gets a mark whose "step token" is the row's last real
-            token (the EOS), read per ``read_at``. Its span is everything after the last
-            step (``</think> The answer is ...``), where a premature or inconsistent
-            conclusion is unlikely under the policy.
+        conclusion: also score the end of the response as one more step (rule 7, a
+            named deviation from the reference, which scores the reasoning steps only):
+            every row with a response (a real token at or after ``response_start``)
+            gets a mark whose "step token" is the row's last real token (the EOS, or
+            the last token of a truncated response), read per ``read_at``. Its span is
+            everything after the last step: the conclusion (``</think> The answer is
+            ...``), or the unfinished step of a response that stopped early, where a
+            premature or inconsistent end is unlikely under the policy.
         **options: strategy options (``marker``, ``allow_multi_token_marker`` for
             reference; ``pattern``/``flags`` for regex; ``n`` for fixed).
 
@@ -521,19 +522,19 @@ def step_mask(
 
 def _conclusion_marks(input_ids: torch.Tensor, info: StepTokens, valid: torch.Tensor,
                       response_start: int | torch.Tensor | None, read_at: str) -> torch.Tensor:
-    """(B, L) bool: per row that has a ``</think>`` in its response, the read position of
-    the conclusion (the last real token, or the one before it for ``before_step_token``)."""
+    """(B, L) bool: per row with a real token at or after ``response_start``, the read
+    position of its end (the last real token, or the one before it for
+    ``before_step_token``; never before ``response_start``)."""
     B, L = input_ids.shape
     out = torch.zeros((B, L), dtype=torch.bool, device=input_ids.device)
-    if info.unthink_id is None or L == 0:
+    if L == 0:
         return out
     pos = torch.arange(L, device=input_ids.device)
     start = (torch.zeros(B, dtype=torch.long, device=input_ids.device) if response_start is None
              else _as_row_tensor(response_start, B, input_ids.device, "response_start"))
-    closed = ((input_ids == info.unthink_id) & valid & (pos[None, :] >= start[:, None])).any(1)
     last = torch.where(valid, pos[None, :], torch.full_like(pos[None, :], -1)).max(1).values
     read = last - (1 if read_at == "before_step_token" else 0)
-    rows = closed & (read >= start) & (read >= 0)
+    rows = (read >= start) & (read >= 0)
     out[rows.nonzero().flatten(), read[rows]] = True
     return out
 

@@ -225,7 +225,11 @@ def test_inflight_scores_equal_reforward(tok, model, segmenter, options, read_at
         n_steps += t.n_steps
         all_scores += t.step_scores
     assert n_steps >= 3, "test is vacuous: too few steps sampled"
-    if options.get("conclusion"):   # some sample closed its reasoning: a conclusion mark was read
+    if options.get("conclusion"):   # every response's end was read (the EOS is its step token)
+        back = 2 if read_at == "before_step_token" else 1
+        ends = [t for t in out if len(t.token_ids) >= 2]
+        assert ends and all(t.step_positions[-1] == len(prompt_ids) + len(t.token_ids) - back
+                            for t in ends)
         assert any(tok.convert_tokens_to_ids("</think>") in t.token_ids for t in out)
     # scores differ across positions, so reading the wrong position would be caught
     assert max(all_scores) - min(all_scores) > 1e-3
@@ -523,6 +527,33 @@ def test_confidence_step_features_by_hand():
     assert torch.equal(rows_train, rows_engine)
     assert rows_train[0].tolist() == pytest.approx([g(0.0)] * 3 + [1.0, 0.0])
     assert rows_train[1].tolist() == pytest.approx(f[0].tolist())
+
+
+def test_confidence_step_features_run_through_the_step_token():
+    """lookahead=1 (the reference read, before the step token): a step read at p spans
+    through p + 1, never past the next read or the row."""
+    from metastone_lab.confidence import lookahead, step_features
+
+    assert lookahead("before_step_token") == 1 and lookahead("step_token") == 0
+    nan = float("nan")
+    lp = torch.tensor([[nan, nan, -1.0, -0.5, -2.0, -0.1, -0.3]])
+    sc = torch.tensor([[nan, nan, 2.0, 4.0, 1.0, 3.0, 3.0]])
+    cf = torch.tensor([[nan, nan, 5.0, 6.0, 4.0, 7.0, 8.0]])
+    stats = torch.stack([lp, sc, cf])
+    V = 100
+    logv = math.log(V)
+    g = lambda lp: -math.log(1e-4 - lp)  # noqa: E731
+    # reads at 3 and 5: steps are tokens 2..4 (step token 4) and 5..6 (the row's end)
+    f = step_features(stats, torch.tensor([[0, 0, 0, 1, 0, 1, 0]]).bool(), 2, V, lookahead=1)
+    want = torch.tensor([[g(-2.0), g(-2.0), g(-3.5 / 3), (7.0 / 3) / logv, 4.0 / logv],
+                         [g(-0.3), g(-0.3), g(-0.2), 3.0 / logv, 7.0 / logv]])
+    assert torch.allclose(f, want, atol=1e-6)
+    # adjacent reads: the first step stops before the next read; a read at the row's
+    # last column has nothing after it
+    f = step_features(stats, torch.tensor([[0, 0, 0, 1, 1, 0, 1]]).bool(), 2, V, lookahead=1)
+    assert f[0].tolist() == pytest.approx([g(-0.5), g(-1.0), g(-0.75), 3.0 / logv, 5.0 / logv], abs=1e-6)
+    assert f[1].tolist() == pytest.approx([g(-0.1), g(-2.0), g(-1.05), 2.0 / logv, 4.0 / logv], abs=1e-6)
+    assert f[2].tolist() == pytest.approx([g(-0.3), g(-0.3), g(-0.3), 3.0 / logv, 8.0 / logv], abs=1e-6)
 
 
 def test_confidence_head_needs_the_step_mask(tok, conf_model):

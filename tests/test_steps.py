@@ -387,10 +387,20 @@ def test_conclusion_mark_reads_the_end_of_a_closed_response(tok):
         assert positions(step_mask(ids, tok, span=span, read_at="step_token",
                                    conclusion=True)) == [[2, 4, 7]]
         assert positions(step_mask(ids, tok, span=span)) == [[1, 3]]   # off by default
-    # no </think> in the response (truncated, or before response_start): no conclusion mark
+    # a response that never closes its reasoning (it stopped early, or was truncated) ends
+    # with an unfinished step: that is its conclusion. 0:T 1:a 2:S 3:b 4:S 5:c 6:.
     open_ids = ids_of(tok, "<think>a.\n\nb.\n\nc.")
-    assert positions(step_mask(open_ids, tok, conclusion=True)) == positions(step_mask(open_ids, tok))
-    assert positions(step_mask(ids, tok, conclusion=True, response_start=6)) == [[]]
+    assert positions(step_mask(open_ids, tok)) == [[1, 3]]
+    assert positions(step_mask(open_ids, tok, conclusion=True)) == [[1, 3, 5]]
+    assert positions(step_mask(open_ids, tok, read_at="step_token", conclusion=True)) == [[2, 4, 6]]
+    # the end is read inside the response only: a one-token response has no mark before it
+    assert positions(step_mask(ids, tok, conclusion=True, response_start=6)) == [[6]]
+    assert positions(step_mask(ids, tok, conclusion=True, response_start=7)) == [[]]
+    assert positions(step_mask(ids, tok, read_at="step_token", conclusion=True,
+                               response_start=7)) == [[7]]
+    # a response that ends on a step token: the end mark is that step's mark (no duplicate)
+    ends = ids_of(tok, "<think>a.\n\nb.\n\n")
+    assert positions(step_mask(ends, tok, conclusion=True)) == positions(step_mask(ends, tok))
 
 
 @pytest.mark.parametrize("read_at", ["before_step_token", "step_token"])

@@ -90,9 +90,10 @@ class SparseHeadForward(torch.nn.Module):
     other ~90% of positions. This module is what DDP wraps.
     """
 
-    def __init__(self, rm: Any):
+    def __init__(self, rm: Any, lookahead: int = 0):
         super().__init__()
         self.rm = rm
+        self.lookahead = lookahead   # confidence.lookahead(read_at): a step's span past its read
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 step_mask: torch.Tensor | None = None,
@@ -108,7 +109,8 @@ class SparseHeadForward(torch.nn.Module):
         feats = self.rm.features_from_hidden(out.hidden_states)          # (B, L, C)
         picked = self.rm.masked_head_logits(                               # (N,)
             feats, step_mask, logits=out.logits, input_ids=input_ids,
-            response_start=0 if response_start is None else response_start)
+            response_start=0 if response_start is None else response_start,
+            lookahead=self.lookahead)
         step_logits = torch.zeros(step_mask.shape, dtype=picked.dtype, device=picked.device)
         step_logits = step_logits.masked_scatter(step_mask, picked)
         return out.logits, step_logits
@@ -201,9 +203,11 @@ class Trainer:
         self.optimizers["head"] = torch.optim.AdamW(head_params, lr=cfg.head_lr,
                                                     weight_decay=cfg.head_weight_decay)
         names = list(self.optimizers)
-        rm = SparseHeadForward(rm)
+        from ..confidence import lookahead
+
+        rm = SparseHeadForward(rm, lookahead(cfg.read_at))
         if self.prm is not None:
-            self.prm = SparseHeadForward(self.prm)
+            self.prm = SparseHeadForward(self.prm, lookahead(cfg.read_at))
             prepared = accelerator.prepare(rm, self.prm, *self.optimizers.values())
             self.model, self.prm = prepared[0], prepared[1]
             opts = prepared[2:]
@@ -432,12 +436,13 @@ class Trainer:
 
     @torch.no_grad()
     def _score(self, b: RolloutBatch) -> tuple[list[float], list[list[float]]]:
+        from ..confidence import lookahead
         from ..scoring import aggregate
 
         scorer = self.scorer
         mask = self._step_mask(b)
         out = scorer(b.input_ids, attention_mask=b.attention_mask, step_mask=mask,
-                     response_start=b.response_start)
+                     response_start=b.response_start, lookahead=lookahead(self.cfg.read_at))
         traj = aggregate(out.step_logits.float(), mask, self.cfg.aggregator).tolist()
         probs = torch.sigmoid(out.step_logits.float())
         steps = [probs[i][mask[i]].tolist() for i in range(len(b))]
