@@ -99,8 +99,10 @@ FAMILIES = [
     Family("ablate_representation", "Representation",
            ["auroc", "auroc_within", "step_f1", "bon@2", "bon@8", "weighted@8", "pass@1",
             "wall_seconds"],
-           "Feature layer and head width with a frozen policy (head_only); the backbone "
-           "gradient scale in joint training (GRPO on LoRA + SPR head)."),
+           "What the head reads (inputs_confidence / inputs_hidden vs both), then, on the "
+           "hidden+confidence head, feature layer and head width with a frozen policy "
+           "(head_only) and the backbone gradient scale in joint training (GRPO on LoRA + "
+           "SPR head)."),
     Family("ablate_shared_vs_separate", "Shared vs separate PRM",
            ["auroc", "auroc_within", "step_f1", "bon@8", "weighted@8", "pass@1", "params_policy",
             "params_scorer", "wall_seconds"],
@@ -771,17 +773,17 @@ def discussion(runs: dict, fit: dict | None, probe: dict | None = None) -> list[
         bullet("**SPR vs plain BCE** (the paper reports SPR > BCE, no numbers): "
                + versus("SPR (reference)", s, "BCE on all steps", bce) + " (trajectory AUROC).")
         collapsed = s is not None and s["mean"] < 0.6
+        warm = [v for v in _variants(loss) if re.fullmatch(r"spr_filter_warmup_\d+", v)]
         bullet("**The pseudo-label filter** at this scale: "
                + versus("SPR with filter", s, "SPR without filter", nf) + ". "
                + ("The reference SPR head stays near chance here (mean AUROC below 0.6). A likely "
                   "mechanism: starting from a random head, the filter keeps only the steps the "
-                  "head already agrees with, so the loss can fall to zero without learning. This "
-                  "is why the other families use `spr_no_filter` as their base. "
+                  "head already agrees with, so the loss can fall to zero without learning. "
                   if collapsed else
                   "The reference SPR head learns at this scale (mean AUROC at least 0.6). ")
-               + versus("SPR with 5 filter-free warm-up steps", stat(loss, "auroc",
-                                                                      "spr_filter_warmup_5"),
-                        "SPR (reference)", s) + ".")
+               + "; ".join(versus(f"SPR with {v.rsplit('_', 1)[1]} filter-free warm-up steps",
+                                  stat(loss, "auroc", v), "SPR (reference)", s) for v in warm)
+               + ".")
         ls = stat(loss, "auroc", "last_step_only")
         bullet("**Outcome RM (last step only)**: " + versus("last_step_only", ls,
                                                             "spr_no_filter", nf) + " (AUROC).")
@@ -827,6 +829,16 @@ def discussion(runs: dict, fit: dict | None, probe: dict | None = None) -> list[
     if len(rep):
         pen, last, mid = (stat(rep, "auroc", v) for v in ("layer_penultimate_width_x1",
                                                           "layer_last", "layer_middle"))
+        conf = stat(rep, "auroc_within", "inputs_confidence")
+        hid = stat(rep, "auroc_within", "inputs_hidden")
+        if conf is not None or hid is not None:
+            both = stat(rep, "auroc_within", "layer_penultimate_width_x1")
+            bullet("**What the head reads** (within-problem AUROC; the reference reads the "
+                   "hidden state only): " + versus("confidence only", conf, "hidden only", hid)
+                   + "; " + versus("hidden+confidence", both, "confidence only", conf)
+                   + f"; bon@8 confidence only {fmt(stat(rep, 'bon@8', 'inputs_confidence'))}, "
+                     f"hidden only {fmt(stat(rep, 'bon@8', 'inputs_hidden'))}, both "
+                     f"{fmt(stat(rep, 'bon@8', 'layer_penultimate_width_x1'))}.")
         bullet("**Feature layer** (the paper argues for the penultimate layer): "
                + versus("penultimate", pen, "last", last) + "; "
                + versus("penultimate", pen, "middle", mid) + ".")
