@@ -41,6 +41,7 @@ from typing import Any
 from .config import load_yaml
 from .errors import ConfigError
 from .io_utils import atomic_write_json
+from . import cli_help
 
 #: the ablation families, in run order (base configuration first)
 SPECS = ["ablate_aggregation", "ablate_scaling_law", "ablate_loss", "ablate_segmentation",
@@ -219,8 +220,7 @@ def _run_probe(micro: bool, tracking_uri: str, log) -> int:
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m metastone_lab.ablations",
-                                 description=__doc__.split("\n")[0])
+    ap = cli_help.parser("python -m metastone_lab.ablations", cli_help.first_paragraph(__doc__))
     ap.add_argument("--micro", action="store_true", help="tiny parameters (tests, smoke runs)")
     ap.add_argument("--only", action="append", default=[], metavar="SPEC",
                     help="run only this spec (repeatable), e.g. ablate_loss")
@@ -231,9 +231,10 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-report", action="store_true", help="do not regenerate the report")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="KEY=VALUE", help="override a base parameter in every spec")
-    ap.add_argument("--runs-dir", default=None)
-    ap.add_argument("--tracking-uri", default=None)
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--runs-dir", default=None, help="output folder (default: <repo>/runs)")
+    ap.add_argument("--tracking-uri", default=None,
+                    help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///<repo>/mlruns.db)")
+    ap.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     a = ap.parse_args(argv)
     names = a.only or SPECS + (OPTIONAL_SPECS if a.with_smollm2 else []) + [PROBE_STEP]
     if a.micro:

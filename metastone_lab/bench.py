@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 from typing import Any, Callable
+from . import cli_help
 
 
 # ------------------------------------------------------------------ helpers
@@ -80,30 +81,30 @@ def _load(spec: str):
 
 # ----------------------------------------------------------------- inference
 def inference_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="metastone-lab bench inference",
-        description="Benchmark best-of-N generation with in-flight SPRM scoring against "
-                    "unscored decoding, reference re-forward scoring and HF generate.")
+    p = cli_help.parser(
+        "metastone-lab bench inference",
+        "Benchmark best-of-N generation with in-flight SPRM scoring against "
+        "unscored decoding, reference re-forward scoring and HF generate.")
     p.add_argument("--backbone", default="tiny",
                    help="backbone spec for load_backbone ('tiny' default, 'smollm2', a local "
                         "HF dir), 'random' (tiny architecture, random weights) or "
                         "'random-small' (a toy, for tests)")
-    p.add_argument("--head", default=None, help="score_module.pt to load (default: random head)")
-    p.add_argument("--k", type=int, default=32, help="samples per prompt (default 32)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--n-prompts", type=int, default=4, help="arith test prompts (default 4)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--segmenter", default="reference")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--head", default=None, help="score_module.pt to load (default: a random head)")
+    p.add_argument("--k", type=int, default=32, help="samples per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens sampled per trajectory at most")
+    p.add_argument("--n-prompts", type=int, default=4, help="arith test prompts")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per path")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    p.add_argument("--segmenter", default="reference", help="step segmenter (metastone_lab.steps)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--skip-hf", action="store_true", help="skip the HF generate baseline")
     p.add_argument("--head-mode", default="auto", choices=["auto", "per_step", "deferred"],
                    help="in-flight head mode for the headline P1 (both are also reported)")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                   help="clock of the headline ratios: wall (default) or process CPU time "
+                   help="clock of the headline ratios: wall or process CPU time "
                         "(steadier on a shared machine with --threads 1); both are reported")
     return p
 
@@ -237,21 +238,21 @@ def cli_inference(argv: list[str] | None = None) -> int:
 # training engineer; appended to this module).
 
 def train_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="metastone-lab bench train",
-        description="Benchmark a joint GRPO+SPR step against a policy-only GRPO step on the "
-                    "same rollouts. The last output line is one JSON object.")
+    ap = cli_help.parser(
+        "metastone-lab bench train",
+        "Benchmark a joint GRPO+SPR step against a policy-only GRPO step on the "
+        "same rollouts. The last output line is one JSON object.")
     ap.add_argument("--backbone", default="tiny",
                     help="backbone spec (tiny | micro | smollm2 | dir), or 'random' for the "
-                         "tiny architecture with random weights (default: tiny)")
-    ap.add_argument("--n", type=int, default=8, help="group size (default 8)")
-    ap.add_argument("--prompts", type=int, default=4, help="prompts per step (default 4)")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--kl-coef", type=float, default=1e-3)
+                         "tiny architecture with random weights")
+    ap.add_argument("--n", type=int, default=8, help="group size (trajectories per prompt)")
+    ap.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    ap.add_argument("--max-new-tokens", type=int, default=48, help="tokens per rollout at most")
+    ap.add_argument("--kl-coef", type=float, default=1e-3, help="KL penalty to the reference policy")
     ap.add_argument("--repeats", type=int, default=7, help="timed repeats (median reported)")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="rollout seed")
     return ap
 
 

@@ -43,6 +43,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
+from . import cli_help
 from .config import check
 from .errors import ConfigError
 
@@ -395,14 +396,17 @@ def run_and_log(backbone: str = "tiny", cfg: ProbeConfig | None = None, *,
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="metastone-lab probe", description=__doc__.split("\n")[0])
+    ap = cli_help.parser("metastone-lab probe", cli_help.first_paragraph(__doc__))
     ap.add_argument("--backbone", default="tiny", help="tiny | micro | smollm2 | an HF id/path")
-    ap.add_argument("--task", default="arith")
-    ap.add_argument("--n-train", type=int, default=ProbeConfig.n_train)
-    ap.add_argument("--n-test", type=int, default=ProbeConfig.n_test)
-    ap.add_argument("--k", type=int, default=ProbeConfig.k)
-    ap.add_argument("--max-new-tokens", type=int, default=ProbeConfig.max_new_tokens)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--task", default="arith", help="task name (metastone_lab.tasks)")
+    ap.add_argument("--n-train", type=int, default=ProbeConfig.n_train,
+                    help="train problems the probes are fitted on")
+    ap.add_argument("--n-test", type=int, default=ProbeConfig.n_test,
+                    help="held-out problems the probes are scored on")
+    ap.add_argument("--k", type=int, default=ProbeConfig.k, help="samples per problem")
+    ap.add_argument("--max-new-tokens", type=int, default=ProbeConfig.max_new_tokens,
+                    help="tokens per sample at most")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--prompt-style", default="plain",
                     help="plain | chat (the tokenizer's chat template; for instruction models)")
     ap.add_argument("--shots", type=int, default=0, help="worked train examples shown first")
@@ -416,7 +420,8 @@ def cli_main(argv: list[str] | None = None) -> int:
                     "'{\"n_ops_min\": 3}'")
     ap.add_argument("--backbone-options", default="{}", help="TinyBackboneConfig overrides as "
                     "JSON for the tiny family, e.g. '{\"steps\": 700}'")
-    ap.add_argument("--tracking-uri", default=None)
+    ap.add_argument("--tracking-uri", default=None,
+                    help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///<repo>/mlruns.db)")
     a = ap.parse_args(argv)
     import json
 

@@ -891,11 +891,14 @@ def cli_main(argv: list[str] | None = None) -> int:
     """``metastone-lab report``: regenerate docs/results.md and docs/figures/ from MLflow."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="metastone-lab report", description=cli_main.__doc__)
+    from . import cli_help
+
+    ap = cli_help.parser("metastone-lab report",
+                         "Regenerate docs/results.md and docs/figures/ from the MLflow store.")
     ap.add_argument("--tracking-uri", default=None,
                     help="MLflow URI (default: $MLFLOW_TRACKING_URI or the repo's sqlite store)")
-    ap.add_argument("--out", default=None, help="markdown file (default docs/results.md)")
-    ap.add_argument("--figures", default=None, help="figure folder (default <out dir>/figures)")
+    ap.add_argument("--out", default=None, help="markdown file (default: docs/results.md)")
+    ap.add_argument("--figures", default=None, help="figure folder (default: <out dir>/figures)")
     a = ap.parse_args(argv)
     from .ablations import repo_root
 

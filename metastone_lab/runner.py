@@ -117,7 +117,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import tracking
+from . import cli_help, tracking
 from .config import check, from_dict, load_yaml, parse_override
 from .errors import ConfigError, TrackingError
 from .io_utils import atomic_write_json
@@ -200,9 +200,46 @@ def find_root(spec_path: str | Path) -> Path:
     return Path.cwd().resolve()
 
 
+def _spec_folders(root: str | Path | None = None) -> list[Path]:
+    """Where bare spec names are looked up: ``<root>/experiments`` (root = the
+    argument, ``$METASTONE_LAB_HOME`` or the project around the cwd), then this
+    checkout's ``experiments/``."""
+    roots = [Path(root)] if root is not None else [find_root(Path.cwd() / "_")]
+    roots.append(Path(__file__).resolve().parents[1])
+    return list(dict.fromkeys(r.resolve() / "experiments" for r in roots))
+
+
+def available_specs(root: str | Path | None = None) -> list[str]:
+    """Names of the specs (``experiments/*.yaml``) a bare name can refer to."""
+    names: list[str] = []
+    for d in _spec_folders(root):
+        if d.is_dir():
+            names += [f.stem for f in sorted(d.glob("*.yaml"))]
+    return list(dict.fromkeys(names))
+
+
+def resolve_spec_path(path: str | Path, root: str | Path | None = None) -> Path:
+    """``path`` if it is a file, else ``experiments/<path>.yaml`` (so ``run quickstart``
+    works); a clear error listing the available specs otherwise."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.parent == Path(".") or str(p.parent) == "experiments":
+        stem = p.name[:-5] if p.name.endswith(".yaml") else p.name
+        for d in _spec_folders(root):
+            if (d / f"{stem}.yaml").is_file():
+                return d / f"{stem}.yaml"
+    names = available_specs(root)
+    raise ConfigError(f"spec {str(path)!r} not found; the specs here are "
+                      f"{', '.join(names) if names else 'none (no experiments/ folder)'}: "
+                      f"pass a name (e.g. quickstart) or a path to a spec YAML")
+
+
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
               root: str | Path | None = None) -> tuple[Spec, Path]:
-    """Read and validate a spec; apply ``--set`` overrides; return (spec, notebook path)."""
+    """Read and validate a spec; apply ``--set`` overrides; return (spec, notebook path).
+    ``path`` may be a bare spec name (``quickstart``; :func:`resolve_spec_path`)."""
+    path = resolve_spec_path(path, root)
     data = load_yaml(path)
     spec = from_dict(Spec, data, where=f"spec {str(path)!r}")
     for item in overrides:
@@ -230,6 +267,26 @@ def _fmt(v: Any) -> str:
     if isinstance(v, (list, dict)):
         return json.dumps(v, separators=(",", ":"))
     return str(v)
+
+
+def _flat(params: dict, prefix: str = "") -> dict:
+    """``{"train": {"loss": "spr"}}`` -> ``{"train.loss": "spr"}`` (a dry run's columns)."""
+    out: dict = {}
+    for k, v in params.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def differing_params(points: list) -> list[str]:
+    """The (flattened) parameters whose value differs between ``points``, in order."""
+    flats = [_flat(p.params) for p in points]
+    keys = list(dict.fromkeys(k for f in flats for k in f))
+    return [k for k in keys
+            if len({json.dumps(f.get(k, "<unset>"), sort_keys=True, default=str)
+                    for f in flats}) > 1]
 
 
 def point_name(varying: dict) -> str:
@@ -727,6 +784,7 @@ def run_spec(spec_path: str | Path, *, overrides: list[str] = (), only: list[str
     """Run a spec (the body of ``metastone-lab run``); return a report dict with
     ``exit_code``, ``points`` (results by name), ``table`` (DataFrame) and
     ``summary`` (what runs/<spec>/summary.json holds)."""
+    spec_path = resolve_spec_path(spec_path, root)
     spec, notebook = load_spec(spec_path, list(overrides), root)
     root = Path(root).resolve() if root is not None else find_root(spec_path)
     runs_dir = Path(runs_dir) if runs_dir is not None else root / "runs"
@@ -736,9 +794,18 @@ def run_spec(spec_path: str | Path, *, overrides: list[str] = (), only: list[str
     if dry_run:
         import pandas as pd
 
-        df = pd.DataFrame([{"index": p.index, "point": p.name, **p.varying} for p in points])
+        differ = differing_params(all_points)
+        df = pd.DataFrame([{"index": p.index, "point": p.name,
+                            **{k: _fmt(_flat(p.params).get(k, "-")) for k in differ}}
+                           for p in points])
         print(f"spec {spec.name!r}: {len(points)} of {len(all_points)} points, "
               f"notebook {notebook}")
+        if spec.description:
+            print(f"  {spec.description}")
+        same = {k: v for k, v in _flat(all_points[0].params).items()
+                if k not in differ} if all_points else {}
+        print("  the same in every point: "
+              + ", ".join(f"{k}={_fmt(v)}" for k, v in same.items()))
         print(df.to_string(index=False))
         return {"exit_code": 0, "points": {p.name: p for p in points}, "table": df,
                 "summary": None}
@@ -784,11 +851,12 @@ def run_spec(spec_path: str | Path, *, overrides: list[str] = (), only: list[str
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="metastone-lab run",
-        description="Run an experiment spec: every grid point of the notebook with papermill, "
-                    "each in a child MLflow run under one parent run.")
-    ap.add_argument("spec", help="experiments/<name>.yaml")
+    ap = cli_help.parser(
+        "metastone-lab run",
+        "Run an experiment spec: every grid point of the notebook with papermill, "
+        "each in a child MLflow run under one parent run.",
+        epilog="specs in this checkout: " + (", ".join(available_specs()) or "none found"))
+    ap.add_argument("spec", help="experiments/<name>.yaml, or just <name>")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a base parameter (YAML value); on a grid key, pin that axis")
     ap.add_argument("--dry-run", action="store_true", help="list the points, run nothing")
@@ -797,7 +865,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true",
                     help="skip points FINISHED in MLflow; log points finished offline")
     ap.add_argument("--fail-fast", action="store_true", help="stop at the first failing point")
-    ap.add_argument("--runs-dir", default=None, help="output folder (default <root>/runs)")
+    ap.add_argument("--runs-dir", default=None, help="output folder (default: <root>/runs)")
     ap.add_argument("--tracking-uri", default=None,
                     help="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite:///<root>/mlruns.db)")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")

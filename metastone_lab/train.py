@@ -22,6 +22,7 @@ import json
 import sys
 from typing import Any
 
+from . import cli_help
 from .config import from_dict, load_yaml, parse_override
 from .training.config import TrainConfig
 from .training.trainer import TrainResult, Trainer, train
@@ -43,8 +44,8 @@ def load_config(path: str | None, overrides: list[str] = (), resume: bool = Fals
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="metastone-lab train", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", help="YAML file with TrainConfig keys")
+    ap = cli_help.parser("metastone-lab train", cli_help.first_paragraph(__doc__))
+    ap.add_argument("--config", help="YAML file with TrainConfig keys (default: TrainConfig's defaults)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key (repeatable)")
     ap.add_argument("--resume", action="store_true",

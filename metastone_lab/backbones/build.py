@@ -22,6 +22,7 @@ from ..config import check, from_dict, parse_override, to_dict
 from ..errors import ConfigError
 from ..io_utils import _ensure_dir, atomic_dir, atomic_write_json
 from . import cache
+from .. import cli_help
 
 NON_MODEL_KEYS = ("threads",)  # fields that do not change the built model / report
 
@@ -360,13 +361,13 @@ def config_from_overrides(items: list[str], base: TinyBackboneConfig | None = No
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="metastone-lab backbone build",
-                                 description="Train the tiny default backbone into the cache. "
-                                             "The last output line is a JSON report.")
+    ap = cli_help.parser("metastone-lab backbone build",
+                         "Train the tiny default backbone into the cache. "
+                         "The last output line is a JSON report.")
     ap.add_argument("--force", action="store_true", help="rebuild even if cached")
     ap.add_argument("--cache-dir", default=None,
                     help="cache root (default: $METASTONE_LAB_CACHE or the user cache dir)")
-    ap.add_argument("--out", default=None, help="build into this directory instead of the cache")
+    ap.add_argument("--out", default=None, help="build into this directory instead of the cache (default: the cache)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a TinyBackboneConfig field (task.<knob>=... for the task)")
     ap.add_argument("--micro", action="store_true", help="start from TinyBackboneConfig.micro()")
