@@ -703,6 +703,31 @@ class _Sweep:
                 "summary": summary, "error": None,
                 "run_dir": str(run_dir) if run_dir is not None else None}
 
+    def where(self, points: list[Point]) -> str:
+        """Where the results are: each point's run folder and MLflow run (id and UI
+        page), and the sweep's summary."""
+        lines = [f"sweep summary: {self.out / 'summary.json'}"]
+        eid = None
+        if not self.offline:
+            try:
+                eid = self.backend.experiment_id(self.spec.experiment_name)
+            except TrackingError:
+                eid = None
+        shown = [p for p in points if p.name in self.results][:10]
+        for p in shown:
+            r = self.results[p.name]
+            lines.append(f"{p.name}: {r.get('run_dir') or '(no run folder)'}")
+            rid = r.get("run_id")
+            if rid and r.get("logged", True):
+                url = tracking.run_url(self.uri, eid, rid)
+                local = not self.uri.startswith(("http://", "https://"))
+                lines.append(f"  MLflow run {rid}" + (f": {url}" if url else "")
+                             + (" (after `make mlflow-ui`)" if url and local else ""))
+        if len(self.results) > len(shown):
+            lines.append(f"... and {len(self.results) - len(shown)} more points under "
+                         f"{self.out}")
+        return "\n".join(lines)
+
     def finish(self, all_points: list[Point]) -> dict:
         """Aggregate summaries, write the sweep's summary.json (its own folder
         ``_sweeps/<sweep-id>/``, copied to ``runs/<spec>/summary.json``), log the parent."""
@@ -751,6 +776,40 @@ class _Sweep:
         atomic_write_json(sweep_dir / "status.json", status)
         atomic_write_json(self.out / "status.json", status)
         return {"mean": mean, "summaries": summaries}
+
+
+def format_value(key: str, v: Any) -> str:
+    """One summary value for the terminal: 3 decimals, a CI as ``[lo, hi]``, seconds
+    as ``5m 30s``, ``-`` when missing."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float))
+                                                             for x in v):
+        return f"[{v[0]:.3f}, {v[1]:.3f}]"
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and key.endswith("seconds"):
+        m, sec = divmod(int(round(v)), 60)
+        return f"{m}m {sec:02d}s" if m else f"{sec}s"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def terminal_table(df) -> str:
+    """The sweep's closing table, rounded: one ``key value`` line per summary key for
+    a single point (it reads better than one 150-column row), a table otherwise."""
+    if not len(df):
+        return "(no points run)"
+    cols = [c for c in df.columns if c not in ("point", "status")]
+    if len(df) == 1:
+        row = df.iloc[0]
+        width = max(len(c) for c in cols) if cols else 0
+        lines = [f"point {row['point']} ({row['status']})"]
+        lines += [f"  {c:<{width}}  {format_value(c, row[c])}" for c in cols]
+        return "\n".join(lines)
+    shown = df.copy()
+    for c in cols:
+        shown[c] = [format_value(c, v) for v in df[c]]
+    return shown.to_string(index=False)
 
 
 def _table(spec: Spec, points: list[Point], results: dict, summaries: dict, mean: dict):
@@ -838,7 +897,8 @@ def run_spec(spec_path: str | Path, *, overrides: list[str] = (), only: list[str
     bar.close()
     agg = sweep.finish(all_points)
     df = _table(spec, points, sweep.results, agg["summaries"], agg["mean"])
-    print(df.to_string(index=False) if len(df) else "(no points run)")
+    print(terminal_table(df))
+    print(sweep.where(points))
     failed = any(r["status"] == "failed" for r in sweep.results.values())
     unlogged_any = any(not r.get("logged", True) for r in sweep.results.values())
     if unlogged_any:

@@ -116,6 +116,19 @@ def artifact_root(uri: str) -> Path | None:
     return None
 
 
+#: where ``make mlflow-ui`` serves a local (sqlite/file) store
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def run_url(uri: str, experiment_id: str | None, run_id: str | None) -> str | None:
+    """The MLflow UI page of a run: on the tracking server itself for an http(s)
+    store, else where ``make mlflow-ui`` serves the local store. None without ids."""
+    if not experiment_id or not run_id or run_id == OFFLINE:
+        return None
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def metric_key(name: str) -> str:
     """An MLflow-safe metric/param name: ``pass@1`` -> ``pass_at_1``."""
     return _BAD_KEY_CHARS.sub("_", str(name).replace("@", "_at_"))

@@ -99,12 +99,35 @@ def test_int_for_float_is_accepted_and_set_overrides(tmp_path, capsys):
 
 
 # --------------------------------------------------------- real mlflow server --
-def test_grid_2x2_against_server_then_resume_skips(tmp_path, mlflow_server):
+def test_terminal_values_are_rounded_with_cis_and_readable_seconds():
+    import pandas as pd
+
+    assert runner.format_value("bon@8", 0.583512) == "0.584"
+    assert runner.format_value("bon_minus_majority@8_ci", [0.0855, 0.123]) == "[0.086, 0.123]"
+    assert runner.format_value("wall_seconds", 329.5) == "5m 30s"
+    assert runner.format_value("wall_seconds", 42.2) == "42s"
+    assert runner.format_value("aha_onset_step", None) == "-"
+    assert runner.format_value("n_test", 500) == "500"
+    one = pd.DataFrame([{"point": "default", "status": "ok", "bon@8": 0.583512,
+                         "bon_minus_majority@8_ci": [0.0855, 0.123], "wall_seconds": 329.5}])
+    text = runner.terminal_table(one)
+    assert text.splitlines()[0] == "point default (ok)"
+    assert "  bon@8                    0.584" in text and "[0.086, 0.123]" in text
+    assert "5m 30s" in text and "0.583512" not in text
+
+
+def test_grid_2x2_against_server_then_resume_skips(tmp_path, mlflow_server, capsys):
     uri = mlflow_server
     spec = _spec(tmp_path, "grid2x2", parameters={"label": "g"},
                  grid={"a": [1, 2], "b": [0.5, 1.0]}, summary_keys=["score", "pass@1"])
     rep = _run(spec, tmp_path, uri)
     assert rep["exit_code"] == 0
+    out = capsys.readouterr().out      # the closing table says where every result is
+    exp_id = _client(uri).get_experiment_by_name("grid2x2").experiment_id
+    for name, r in rep["points"].items():
+        assert f"{name}: {r['run_dir']}" in out
+        assert f"MLflow run {r['run_id']}: {uri}/#/experiments/{exp_id}/runs/{r['run_id']}" in out
+    assert f"sweep summary: {tmp_path / 'runs' / 'grid2x2' / 'summary.json'}" in out
     assert list(rep["table"].columns) == ["point", "status", "score", "pass@1"]
     assert list(rep["table"]["point"])[-1] == "mean" and len(rep["table"]) == 5
     parents, children = _runs(uri, "grid2x2", "sweep"), _runs(uri, "grid2x2", "point")
