@@ -38,7 +38,7 @@ report: install
 	$(BIN)/metastone-lab report
 
 lab: install
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab --ServerApp.root_dir=$(CURDIR)
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --port 5000

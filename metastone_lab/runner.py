@@ -194,10 +194,7 @@ def find_root(spec_path: str | Path) -> Path:
     env = os.environ.get(tracking.HOME_ENV)
     if env:
         return Path(env).expanduser().resolve()
-    for d in Path(spec_path).resolve().parents:
-        if (d / "pyproject.toml").exists() or (d / ".git").exists():
-            return d
-    return Path.cwd().resolve()
+    return tracking.project_root(Path(spec_path).resolve().parent) or Path.cwd().resolve()
 
 
 def _spec_folders(root: str | Path | None = None) -> list[Path]:

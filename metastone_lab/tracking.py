@@ -93,10 +93,32 @@ _SLUG = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 # ----------------------------------------------------------------- helpers --
+def project_root(start: str | os.PathLike) -> Path | None:
+    """The nearest folder at or above ``start`` with a ``pyproject.toml`` or ``.git``
+    (a checkout), or None."""
+    p = Path(start).resolve()
+    for d in (p, *p.parents):
+        if (d / "pyproject.toml").is_file() or (d / ".git").exists():
+            return d
+    return None
+
+
 def project_home() -> Path:
-    """``$METASTONE_LAB_HOME`` if set, else the current working directory."""
+    """Where a checkout's store (``mlruns.db``, ``mlartifacts/``) and ``runs/`` live:
+    ``$METASTONE_LAB_HOME`` if set, else the checkout around the current directory
+    (so a kernel started in ``notebooks/`` uses the same store as ``make study``),
+    else the current directory."""
     env = os.environ.get(HOME_ENV)
-    return Path(env).expanduser().resolve() if env else Path.cwd().resolve()
+    if env:
+        return Path(env).expanduser().resolve()
+    return project_root(Path.cwd()) or Path.cwd().resolve()
+
+
+def interactive_output_dir(notebook: str) -> Path:
+    """``<project home>/runs/interactive/<notebook stem>/<timestamp>``: where a notebook
+    run interactively (not by the runner) writes, beside the batch runs."""
+    stem = Path(notebook).name.removesuffix(".ipynb")
+    return project_home() / "runs" / "interactive" / stem / time.strftime("%Y%m%d-%H%M%S")
 
 
 def resolve_tracking_uri(home: str | os.PathLike | None = None) -> str:
@@ -789,6 +811,8 @@ def notebook_tracker(mlflow_run_id: str | None, tracking_uri: str | None = None,
         return t
     t = Tracker(tracking_uri, spool_dir=spool)
     tags = {TAG_NOTEBOOK: notebook} if notebook else None
+    if run_name is None and notebook:   # "quickstart 2026-12-02 03:51:35", not a random name
+        run_name = f"{Path(notebook).name.removesuffix('.ipynb')} {time.strftime('%Y-%m-%d %H:%M:%S')}"
     t.start(experiment, run_name=run_name, params=params, tags=tags)
     return t
 

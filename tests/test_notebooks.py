@@ -182,3 +182,55 @@ def test_ablation_notebooks_sweep(store, micro_backbone):
     _run(store, "nb-scoring", "ablate_scoring.ipynb", {**params, "aggregator": "min"})
     _check_run(store, "nb-scoring", params=["aggregator"], metrics=["pass@1", "bon@2"],
                artifacts=["accuracy_vs_k.png"])
+
+
+# ------------------------------------------------ one store, wherever a run starts
+def test_store_and_runs_resolve_to_the_checkout_from_any_subfolder(tmp_path, monkeypatch):
+    from metastone_lab import tracking
+
+    proj = tmp_path / "proj"
+    (proj / "notebooks").mkdir(parents=True)
+    (proj / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(tracking.HOME_ENV, raising=False)
+    monkeypatch.chdir(proj / "notebooks")
+    assert tracking.project_home() == proj.resolve()
+    assert tracking.resolve_tracking_uri() == f"sqlite:///{proj.resolve() / 'mlruns.db'}"
+    out = tracking.interactive_output_dir("quickstart.ipynb")
+    assert out.parent == proj.resolve() / "runs" / "interactive" / "quickstart"
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    monkeypatch.chdir(bare)                       # no checkout around: the cwd
+    assert tracking.project_home() == bare.resolve()
+    monkeypatch.setenv(tracking.HOME_ENV, str(proj))  # the override wins
+    assert tracking.project_home() == proj.resolve()
+
+
+def test_interactive_notebook_run_lands_in_the_checkouts_store(tmp_path, monkeypatch,
+                                                               micro_backbone):
+    """A kernel started in notebooks/ (what JupyterLab does) writes the checkout's
+    mlruns.db and runs/, under a readable run name: `make mlflow-ui` shows it beside
+    the batch runs."""
+    import papermill as pm
+    from mlflow.tracking import MlflowClient
+
+    from metastone_lab import tracking
+
+    proj = tmp_path / "proj"
+    (proj / "notebooks").mkdir(parents=True)
+    (proj / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    nb = proj / "notebooks" / "quickstart.ipynb"
+    nb.write_bytes((REPO / "notebooks" / "quickstart.ipynb").read_bytes())
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(tracking.HOME_ENV, raising=False)
+    pm.execute_notebook(str(nb), str(tmp_path / "executed.ipynb"),
+                        parameters=_study_params(micro_backbone), kernel_name="python3",
+                        cwd=str(proj / "notebooks"), progress_bar=False)
+    assert (proj / "mlruns.db").is_file() and not (proj / "notebooks" / "mlruns.db").exists()
+    runs = list((proj / "runs" / "interactive" / "quickstart").iterdir())
+    assert len(runs) == 1 and (runs[0] / "summary.json").is_file()
+    client = MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("quickstart")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name.startswith("quickstart 20"), run.info.run_name
