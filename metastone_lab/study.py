@@ -321,7 +321,41 @@ def evaluate_tts(cfg: StudyConfig, trained: Trained | Any, tokenizer, *, task=No
         _with_scorer(val, scorer, tokenizer, cfg)
     table = evaluate(test, aggregator=cfg.aggregator, val_samples=val or None, seed=cfg.seed,
                      log=log)
+    if log:
+        log_trajectory_view(test, tokenizer, aggregator=cfg.aggregator, read_at=cfg.read_at)
     return Evaluation(test, val, table, time.perf_counter() - t0)
+
+
+def log_trajectory_view(problems, tokenizer=None, *, aggregator: str = "geometric",
+                        read_at: str = "before_step_token", tracker=None) -> None:
+    """Log ``trajectories.html`` (:mod:`metastone_lab.trajectory_view`: every sample
+    with its step scores and each selector's pick, bounded in size) to ``tracker``
+    (default: the active run)."""
+    from . import tracking
+    from .trajectory_view import render_html
+
+    t = tracker if tracker is not None else tracking.active()
+    t.log_text(render_html(problems, tokenizer, aggregator=aggregator, read_at=read_at,
+                           title="Held-out test trajectories"), "trajectories.html")
+
+
+def show_trajectories(ev: "Evaluation", tokenizer=None, *, n: int = 5, only: str = "mixed",
+                      aggregator: str = "geometric", max_samples: int = 8,
+                      read_at: str = "before_step_token"):
+    """The trajectory view inline in JupyterLab: ``n`` problems of ``ev.test``
+    (``only="mixed"``: problems with right and wrong samples; ``"all"``), their
+    ``max_samples`` best-scored samples each. Returns an ``IPython.display.HTML``."""
+    from IPython.display import HTML
+
+    from .trajectory_view import render_html
+
+    if only not in ("mixed", "all"):
+        raise ConfigError(f"show_trajectories(only={only!r}): choose 'mixed' or 'all'")
+    probs = [ps for ps in ev.test if only == "all"
+             or 0 < sum(bool(t.correct) for t in ps.trajectories) < len(ps.trajectories)]
+    return HTML(render_html(probs, tokenizer, aggregator=aggregator, max_problems=n,
+                            max_samples=max_samples, standalone=False, read_at=read_at,
+                            title=f"{min(n, len(probs))} {only} held-out problems"))
 
 
 def _value(table, metric: str, selector: str = "", k: int | None = None,
@@ -495,6 +529,7 @@ def train_and_evaluate(cfg: StudyConfig, model, tokenizer, tracker=None):
         test, val, rec = hit
         table = evaluate(test, aggregator=cfg.aggregator, val_samples=val or None,
                          seed=cfg.seed, log=True)
+        log_trajectory_view(test, tokenizer, aggregator=cfg.aggregator, read_at=cfg.read_at)
         result = CachedTrainResult(**{k: rec.get(k) for k in (
             "aha_onset_step", "evals", "param_counts", "log_rows", "steps_done")},
             last_metrics=rec.get("last_metrics") or {})
