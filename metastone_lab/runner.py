@@ -120,7 +120,7 @@ from typing import Any, Callable
 from . import cli_help, tracking
 from .config import check, from_dict, load_yaml, parse_override
 from .errors import ConfigError, TrackingError
-from .io_utils import atomic_write_json
+from .io_utils import atomic_write_json, atomic_write_text
 from .threads import pid_alive
 
 RESERVED = ("mlflow_run_id", "mlflow_parent_run_id", "tracking_uri", "spec_name",
@@ -453,8 +453,26 @@ class _Sweep:
                     return False
         return not self.offline
 
+    def _description(self, p: Point | None = None) -> str:
+        """The MLflow run description (tag ``mlflow.note.content``): what the spec
+        measures, and for a point the values that set it apart from its siblings."""
+        spec = self.spec
+        head = spec.description or f"Spec {spec.name} ({self.nb_rel})."
+        differ = getattr(self, "differing", [])
+        if p is None:
+            return (f"{head}\n\n{getattr(self, 'n_points', 0)} points"
+                    + (f", differing in: {', '.join(differ)}." if differ else ".")
+                    + (f" Summary: {', '.join(spec.summary_keys)}." if spec.summary_keys else ""))
+        flat = _flat(p.params)
+        this = (", ".join(f"{k} = {_fmt(flat.get(k, '-'))}" for k in differ) if differ
+                else "the spec's only point")
+        return (f"{head}\n\nThis point ({p.name}): {this}. Notebook {self.nb_rel}; "
+                f"the executed notebook is under Artifacts > notebook (.ipynb and .html), "
+                f"every sample with its step scores in trajectories.html.")
+
     def _point_tags(self, p: Point) -> dict:
         return {tracking.TAG_SPEC: self.spec.name, tracking.TAG_POINT: p.name,
+                "mlflow.note.content": self._description(p),
                 TAG_RUNNER_PID: str(os.getpid()), TAG_RUNNER_HOST: socket.gethostname(),
                 tracking.TAG_POINT_HASH: p.params_hash, tracking.TAG_ROLE: "point",
                 tracking.TAG_NOTEBOOK: self.nb_rel, tracking.TAG_SWEEP: self.parent_id,
@@ -478,7 +496,7 @@ class _Sweep:
                              status="RUNNING")
                     return
         tags = {tracking.TAG_SPEC: self.spec.name, tracking.TAG_ROLE: "sweep",
-                tracking.TAG_NOTEBOOK: self.nb_rel}
+                tracking.TAG_NOTEBOOK: self.nb_rel, "mlflow.note.content": self._description()}
         commit = tracking.git_commit(str(self.root))
         if commit:
             tags[tracking.TAG_GIT] = commit
@@ -601,6 +619,9 @@ class _Sweep:
         tracking.replay_spool(tracking.spool_dir_for(out_dir), run_id, self.uri)
         if nb_out.is_file():
             be.log_artifact(run_id, nb_out, "notebook")
+            page = notebook_html(nb_out)
+            if page is not None:
+                be.log_artifact(run_id, page, "notebook")
         summary_path = out_dir / "summary.json"
         summary = _read_json(summary_path) if status == "ok" else None
         if summary is not None:
@@ -775,6 +796,22 @@ class _Sweep:
         return {"mean": mean, "summaries": summaries}
 
 
+def notebook_html(nb_path: Path) -> Path | None:
+    """The executed notebook as HTML beside it (``<name>.html``, written atomically),
+    for the MLflow artifact view; None (with a warning) if nbconvert cannot render it."""
+    try:
+        from nbconvert import HTMLExporter
+
+        body, _ = HTMLExporter().from_filename(str(nb_path))
+    except Exception as e:  # a notebook nbconvert cannot read must not fail the point
+        warnings.warn(f"could not render {nb_path} as HTML ({type(e).__name__}: {e}); "
+                      f"only the .ipynb is logged")
+        return None
+    out = nb_path.with_suffix(".html")
+    atomic_write_text(out, body)
+    return out
+
+
 def format_value(key: str, v: Any) -> str:
     """One summary value for the terminal: 3 decimals, a CI as ``[lo, hi]``, seconds
     as ``5m 30s``, ``-`` when missing."""
@@ -867,6 +904,8 @@ def run_spec(spec_path: str | Path, *, overrides: list[str] = (), only: list[str
                 "summary": None}
     uri = tracking_uri or tracking.resolve_tracking_uri(root)
     sweep = _Sweep(spec, notebook, root, runs_dir, uri, declared, resume)
+    sweep.differing = differing_params(all_points)
+    sweep.n_points = len(all_points)
     sweep.out.mkdir(parents=True, exist_ok=True)
     sweep.start()
     done = sweep.finished_points() if resume else {}

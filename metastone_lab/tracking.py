@@ -497,6 +497,7 @@ class Tracker:
         self._buffer: list[tuple[str, float, int, int]] = []
         self._buffer_t0: float | None = None
         self.n_flushes = 0  # number of metric batches sent (for tests / benchmarks)
+        self._tables: list[dict] = []   # .json tables logged (tag mlflow.loggedArtifacts)
 
     # ----------------------------------------------------------- plumbing --
     @property
@@ -738,7 +739,10 @@ class Tracker:
 
     def log_table(self, table: Any, name: str) -> None:
         """Log a DataFrame (or dict of columns / list of row dicts) as ``.csv`` or
-        ``.json`` (``{"columns": [...], "data": [[...]]}``, MLflow's table layout)."""
+        ``.json`` (``{"columns": [...], "data": [[...]]}``, MLflow's table layout). A
+        ``.json`` table is also registered the way ``mlflow.log_table`` does (tag
+        ``mlflow.loggedArtifacts``), so the UI lists it as a table and runs can be
+        compared on it (``mlflow.load_table``)."""
         import pandas as pd
 
         df = table if isinstance(table, pd.DataFrame) else pd.DataFrame(table)
@@ -754,6 +758,11 @@ class Tracker:
                 f.write_text(json.dumps({"columns": [str(c) for c in df.columns],
                                          "data": data}, default=str), encoding="utf-8")
         self._log_file(name, write)
+        if Path(name).suffix == ".json":
+            entry = {"path": name, "type": "table"}
+            if entry not in self._tables:
+                self._tables.append(entry)
+                self.set_tags({"mlflow.loggedArtifacts": json.dumps(self._tables)})
 
 
 class NullTracker:

@@ -132,7 +132,7 @@ def test_quickstart_and_compare_runs(store, micro_backbone):
     _check_run(store, "nb-quickstart",
                params=["backbone", "train_mode", "k_max", "train.mode", "train.head_lr"],
                metrics=["pass@1", "bon@2", "spr_loss"],
-               artifacts=["notebook", "summary.json", "training_curves.png",
+               artifacts=["notebook", "summary.json", "training_curves.png", "trajectories.html",
                           "accuracy_vs_k.png", "score_histogram.png", "head/score_module.pt",
                           "head/score_module.safetensors", "adapter/adapter_model.safetensors"])
     # compare_runs reads that experiment back through search_runs
@@ -166,7 +166,8 @@ def test_test_time_scaling_notebook(store, micro_backbone):
     _run(store, "nb-tts", "test_time_scaling.ipynb",
          {**_study_params(micro_backbone), "train_mode": "none"})
     _check_run(store, "nb-tts", params=["k_max"], metrics=["bon@2"],
-               artifacts=["tts_table.json", "accuracy_vs_k.png", "score_histogram.png"])
+               artifacts=["tts_table.json", "accuracy_vs_k.png", "score_histogram.png",
+                          "trajectories.html"])
 
 
 def test_ablation_notebooks_sweep(store, micro_backbone):

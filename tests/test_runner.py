@@ -135,6 +135,7 @@ def test_grid_2x2_against_server_then_resume_skips(tmp_path, mlflow_server, caps
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     assert parent.data.params["label"] == "g" and json.loads(parent.data.params["grid.a"]) == [1, 2]
+    assert "4 points, differing in: a, b." in parent.data.tags["mlflow.note.content"]
     c = _client(uri)
     scores = []
     for ch in children:
@@ -150,7 +151,10 @@ def test_grid_2x2_against_server_then_resume_skips(tmp_path, mlflow_server, caps
         assert {"notebook", "summary.json", "info.json"} <= arts
         name = ch.data.tags[tracking.TAG_POINT]
         assert [x.path for x in c.list_artifacts(ch.info.run_id, "notebook")] == [
-            f"notebook/{name}.ipynb"]
+            f"notebook/{name}.html", f"notebook/{name}.ipynb"]
+        # the description says what the run measured and what sets it apart
+        note = ch.data.tags["mlflow.note.content"]
+        assert f"This point ({name}): a = {a}, b = {b:g}." in note
         assert (_latest(tmp_path, "grid2x2", name) / f"{name}.ipynb").is_file()
         scores.append(a * b)
     assert parent.data.metrics["score"] == pytest.approx(sum(scores) / 4)

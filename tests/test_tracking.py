@@ -107,6 +107,11 @@ def test_run_logs_params_metrics_artifacts(mlflow_sqlite, tmp_path):
     assert run.info.artifact_uri.startswith((tracking.artifact_root(mlflow_sqlite)).as_uri())
     local = c.download_artifacts(run_id, "table.json", str(tmp_path))
     assert json.load(open(local)) == {"columns": ["k", "acc"], "data": [[1, 0.1], [2, 0.2]]}
+    # registered as MLflow registers a logged table: the UI lists it, load_table reads it
+    assert json.loads(run.data.tags["mlflow.loggedArtifacts"]) == [{"path": "table.json",
+                                                                   "type": "table"}]
+    got = c.load_table(run.info.experiment_id, "table.json", run_ids=[run_id])
+    assert got[["k", "acc"]].values.tolist() == [[1, 0.1], [2, 0.2]]
 
 
 def test_exception_marks_failed_with_traceback(mlflow_sqlite, tmp_path):
