@@ -138,6 +138,11 @@ def artifact_root(uri: str) -> Path | None:
     return None
 
 
+#: the MLflow UI opens an experiment with this tag as a model-training experiment (runs
+#: table, metrics, charts) instead of its GenAI view (traces)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
 #: where ``make mlflow-ui`` serves a local (sqlite/file) store
 LOCAL_UI = "http://127.0.0.1:5000"
 
@@ -239,6 +244,8 @@ def _flatten_params(params: Any) -> dict[str, str]:
     flat = flatten(params)
     out = {}
     for k, v in flat.items():
+        if isinstance(v, dict) and not v:
+            continue   # an empty dict ({} = the defaults) is no parameter: its keys are logged
         s = json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else str(v)
         if len(s) > 6000:
             s = s[:5990] + "...[cut]"
@@ -321,6 +328,9 @@ class _MlflowBackend:
             if exp is not None:
                 if exp.lifecycle_stage == "deleted":
                     self.client.restore_experiment(exp.experiment_id)
+                if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+                    self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG,
+                                                   EXPERIMENT_KIND)
                 return exp.experiment_id
             root = artifact_root(self.uri)
             loc = None
@@ -329,7 +339,8 @@ class _MlflowBackend:
                 if s != name:
                     s += "-" + uuid.uuid5(uuid.NAMESPACE_URL, name).hex[:8]
                 loc = (root / s).as_uri()
-            return self.client.create_experiment(name, artifact_location=loc)
+            return self.client.create_experiment(name, artifact_location=loc,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
         return self._call(f"get/create experiment {name!r}", get_or_create)
 

@@ -107,6 +107,11 @@ def test_run_logs_params_metrics_artifacts(mlflow_sqlite, tmp_path):
     assert run.info.artifact_uri.startswith((tracking.artifact_root(mlflow_sqlite)).as_uri())
     local = c.download_artifacts(run_id, "table.json", str(tmp_path))
     assert json.load(open(local)) == {"columns": ["k", "acc"], "data": [[1, 0.1], [2, 0.2]]}
+    # the experiment opens as a model-training experiment in the UI, not the GenAI view
+    exp = c.get_experiment(run.info.experiment_id)
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    # an empty dict is no parameter (its keys, when set, are)
+    assert tracking._flatten_params({"train": {}, "k": 2, "o": {"a": 1}}) == {"k": "2", "o.a": "1"}
     # registered as MLflow registers a logged table: the UI lists it, load_table reads it
     assert json.loads(run.data.tags["mlflow.loggedArtifacts"]) == [{"path": "table.json",
                                                                    "type": "table"}]
