@@ -741,6 +741,9 @@ class _Sweep:
                 local = not self.uri.startswith(("http://", "https://"))
                 lines.append(f"  MLflow run {rid}" + (f": {url}" if url else "")
                              + (" (after `make mlflow-ui`)" if url and local else ""))
+        runs_table = tracking.experiment_url(self.uri, eid)
+        if runs_table:
+            lines.append(f"MLflow runs table of {self.spec.experiment_name!r}: {runs_table}")
         if len(self.results) > len(shown):
             lines.append(f"... and {len(self.results) - len(shown)} more points under "
                          f"{self.out}")

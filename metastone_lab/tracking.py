@@ -143,6 +143,11 @@ def artifact_root(uri: str) -> Path | None:
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
+#: MLflow 3's UI opens every experiment in its GenAI view (traces) unless the page URL
+#: says ``workflowType=machine_learning`` or the "Model training" toggle is clicked
+#: (measured with MLflow 3.17: the experiment tag alone does not switch it)
+UI_WORKFLOW = "machine_learning"
+
 #: where ``make mlflow-ui`` serves a local (sqlite/file) store
 LOCAL_UI = "http://127.0.0.1:5000"
 
@@ -153,7 +158,15 @@ def run_url(uri: str, experiment_id: str | None, run_id: str | None) -> str | No
     if not experiment_id or not run_id or run_id == OFFLINE:
         return None
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType={UI_WORKFLOW}"
+
+
+def experiment_url(uri: str, experiment_id: str | None) -> str | None:
+    """The experiment's runs table in the MLflow UI, in its model-training view."""
+    if not experiment_id:
+        return None
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType={UI_WORKFLOW}"
 
 
 def metric_key(name: str) -> str:

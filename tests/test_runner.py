@@ -126,7 +126,9 @@ def test_grid_2x2_against_server_then_resume_skips(tmp_path, mlflow_server, caps
     exp_id = _client(uri).get_experiment_by_name("grid2x2").experiment_id
     for name, r in rep["points"].items():
         assert f"{name}: {r['run_dir']}" in out
-        assert f"MLflow run {r['run_id']}: {uri}/#/experiments/{exp_id}/runs/{r['run_id']}" in out
+        assert (f"MLflow run {r['run_id']}: {uri}/#/experiments/{exp_id}/runs/{r['run_id']}"
+                f"?workflowType=machine_learning") in out
+    assert f"{uri}/#/experiments/{exp_id}/runs?workflowType=machine_learning" in out
     assert f"sweep summary: {tmp_path / 'runs' / 'grid2x2' / 'summary.json'}" in out
     assert list(rep["table"].columns) == ["point", "status", "score", "pass@1"]
     assert list(rep["table"]["point"])[-1] == "mean" and len(rep["table"]) == 5
