@@ -56,7 +56,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import threads
+from . import progress, threads
 from .confidence import lookahead
 from .config import check, from_dict
 from .errors import ConfigError, NumericsError, ShapeError
@@ -687,6 +687,7 @@ def generate_best_of_n(model: Any, tokenizer: Any, problems: Sequence[Any], task
     was_training = model.training
     model.eval()
     results = []
+    n_tok, t_all = 0, time.perf_counter()
     try:
         for pi, problem in enumerate(problems):
             threads.rebalance()  # share the cores with metastone-lab jobs started since
@@ -704,6 +705,9 @@ def generate_best_of_n(model: Any, tokenizer: Any, problems: Sequence[Any], task
                                              eos, pad_id, aggs, cfg.read_at, cfg.deepconf_window)
             results.append(ProblemSamples(problem=problem, trajectories=trajs,
                                           gen_seconds=seconds))
+            n_tok += sum(len(t.token_ids) for t in trajs)
+            progress.report("sampling", pi + 1, len(problems), "problems",
+                            tok_per_s=round(n_tok / max(time.perf_counter() - t_all, 1e-9)))
     finally:
         model.train(was_training)
     return results

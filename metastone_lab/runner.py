@@ -117,7 +117,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import cli_help, tracking
+from . import cli_help, progress, tracking
 from .config import check, from_dict, load_yaml, parse_override
 from .errors import ConfigError, TrackingError
 from .io_utils import atomic_write_json, atomic_write_text
@@ -376,6 +376,8 @@ def _read_json(path: Path) -> dict | None:
 
 LATEST_LINK, LATEST_FILE, RUN_RECORD, SWEEPS_DIR, TRAIN_DIR = (
     "latest", "LATEST", "run.json", "_sweeps", "train")
+#: what the kernel reports on its long loops (metastone_lab.progress), in a point's run folder
+PROGRESS_FILE = "progress.json"
 
 
 def new_run_id() -> str:
@@ -659,14 +661,19 @@ class _Sweep:
         params = {**p.params, **{k: v for k, v in injected.items() if k in self.declared}}
         t0 = time.monotonic()
         status, error = "ok", None
+        prog = out_dir / PROGRESS_FILE
+        os.environ[progress.ENV] = str(prog)   # the kernel inherits it: progress.report
         try:
-            pm.execute_notebook(str(self.notebook), str(nb_out), parameters=params,
-                                kernel_name="python3", cwd=str(self.root),
-                                progress_bar=False, log_output=False)
+            with progress.Watcher(prog, lambda text: self.show_progress(p, text)):
+                pm.execute_notebook(str(self.notebook), str(nb_out), parameters=params,
+                                    kernel_name="python3", cwd=str(self.root),
+                                    progress_bar=False, log_output=False)
         except Exception as e:  # PapermillExecutionError, dead kernel, ...
             status = "failed"
             error = (f"{type(e).__name__}: {e}\n" if not hasattr(e, "traceback")
                      else f"{e.ename}: {e.evalue}\n" + "\n".join(e.traceback))
+        finally:
+            os.environ.pop(progress.ENV, None)
         wall = time.monotonic() - t0
         if error:
             (out_dir / "traceback.txt").write_text(error, encoding="utf-8")
@@ -720,6 +727,12 @@ class _Sweep:
         return {"point": p.name, "status": "skipped", "run_id": None, "logged": True,
                 "summary": summary, "error": None,
                 "run_dir": str(run_dir) if run_dir is not None else None}
+
+    def show_progress(self, p: Point, text: str) -> None:
+        """What the kernel reports (:mod:`metastone_lab.progress`), beside the bar."""
+        bar = getattr(self, "bar", None)
+        if bar is not None and not getattr(bar, "disable", True):
+            bar.set_postfix_str(f"{p.name} | {text}")
 
     def where(self, points: list[Point]) -> str:
         """Where the results are: each point's run folder and MLflow run (id and UI
@@ -915,6 +928,7 @@ def run_spec(spec_path: str | Path, *, overrides: list[str] = (), only: list[str
     from tqdm.auto import tqdm
 
     bar = tqdm(points, desc=spec.name, unit="point", disable=not progress, file=sys.stderr)
+    sweep.bar = bar
     for p in bar:
         bar.set_postfix_str(p.name)
         unlogged = sweep.unlogged_path(p)

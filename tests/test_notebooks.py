@@ -129,6 +129,12 @@ def test_quickstart_and_compare_runs(store, micro_backbone):
         assert summary[k] is None or 0.0 <= summary[k] <= 1.0
     assert summary["pass@1"] is not None and summary["wall_seconds"] > 0
     assert summary["pass@32"] is None  # k_max=4: no k=32 column, never a made-up value
+    # the kernel reported its loops to the runner (metastone_lab.progress): the last one
+    from metastone_lab import progress
+
+    (res,) = rep["points"].values()
+    state = progress.read(Path(res["run_dir"]) / "progress.json")
+    assert state["phase"] == "sampling" and state["done"] == state["total"] == 4
     _check_run(store, "nb-quickstart",
                params=["backbone", "train_mode", "k_max", "train.mode", "train.head_lr"],
                metrics=["pass@1", "bon@2", "spr_loss"],

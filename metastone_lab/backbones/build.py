@@ -22,7 +22,7 @@ from ..config import check, from_dict, parse_override, to_dict
 from ..errors import ConfigError
 from ..io_utils import _ensure_dir, atomic_dir, atomic_write_json
 from . import cache
-from .. import cli_help
+from .. import cli_help, progress
 
 NON_MODEL_KEYS = ("threads",)  # fields that do not change the built model / report
 
@@ -244,6 +244,7 @@ def train(model, cfg: TinyBackboneConfig, data, pad_id: int,
             curve.append((step, avg))
             el = time.perf_counter() - t0
             log(f"step {step}/{cfg.steps}  loss {avg:.4f}  {tokens / el:.0f} tok/s  {el:.0f}s")
+            progress.report("backbone build", step, cfg.steps, "SFT steps", loss=round(avg, 4))
             _log_metrics({"backbone/train_loss": avg}, step=step)
         if cfg.train_seconds and step < cfg.steps and time.perf_counter() - t0 > cfg.train_seconds:
             stopped_by = "train_seconds"

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .. import progress
 from ..errors import CheckpointError, ConfigError
 from . import checkpoint as ckpt_mod
 from .aha import AhaDetector
@@ -734,6 +735,11 @@ def train(cfg: TrainConfig, tracker: Any = None, *, model: Any = None, tokenizer
         if main:
             log.append(dict(_log_line(metrics), step=step))
             tracker.log_metrics(metrics, step=step)
+            loss = metrics.get("spr_loss", metrics.get("sft_loss", metrics.get("policy_loss")))
+            progress.report("training", step, cfg.steps, "steps",
+                            **({"loss": round(float(loss), 4)} if loss is not None else {}),
+                            **({"auroc": round(float(metrics["eval_auroc"]), 3)}
+                               if "eval_auroc" in metrics else {}))
         last = metrics
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
             path = t.save(out_dir)
