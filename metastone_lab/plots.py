@@ -75,14 +75,17 @@ def training_curves(rows: Sequence[dict[str, Any]], aha_onset_step: int | None =
 
 
 def accuracy_vs_k(table, title: str = "Accuracy vs k (held-out)"):
-    """Accuracy of every selector against k (log2 axis) with bootstrap CI bands."""
+    """Accuracy of every selector against k (log2 axis) with bootstrap CI bands; the
+    legend uses the summary's names (``bon``, ``weighted``: :mod:`metastone_lab.names`)."""
+    from .names import display
+
     plt = _plt()
     acc = table[table.metric == "accuracy"].sort_values("k")
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for sel, rows in acc.groupby("selector", sort=True):
         style = "--" if sel in ("pass@k", "oracle") else "-"
         k = rows.k.astype(float).to_numpy()
-        ax.plot(k, rows.value.astype(float), style, marker="o", ms=3, label=sel)
+        ax.plot(k, rows.value.astype(float), style, marker="o", ms=3, label=display(sel))
         ax.fill_between(k, rows.ci_low.astype(float).to_numpy(),
                         rows.ci_high.astype(float).to_numpy(), alpha=0.12)
     ax.set_xscale("log", base=2)

@@ -24,10 +24,12 @@ import html
 from pathlib import Path
 from typing import Any, Sequence
 
-#: summary-table name -> selector registry name (metastone_lab.select)
-VIEW_SELECTORS = {"bon": "sprm_bon", "majority": "majority", "weighted": "sprm_weighted_vote",
-                  "mean_logprob": "mean_logprob_bon", "self_certainty": "self_certainty_bon",
-                  "deepconf": "deepconf_bon"}
+from .names import display
+
+#: summary-table name -> selector registry name (metastone_lab.names, metastone_lab.select)
+VIEW_SELECTORS = {display(sel): sel for sel in ("sprm_bon", "majority", "sprm_weighted_vote",
+                                                "mean_logprob_bon", "self_certainty_bon",
+                                                "deepconf_bon")}
 #: default bounds of a page (problems, samples per problem)
 MAX_PROBLEMS = 40
 MAX_SAMPLES = 32
