@@ -138,7 +138,9 @@ def test_build_logs_to_active_tracking_run(tmp_path):
         build_tiny_backbone(_fast(steps=10), tmp_path / "bb", log=QUIET)
     ops = (tmp_path / "trk" / "ops.jsonl").read_text()
     assert ops.count("backbone/train_loss") == 2           # loss curve: steps 5 and 10
-    assert "backbone/pass" in ops and "backbone/params" in ops
+    # build statistics are tags of the run, not metrics
+    assert "metastone.backbone.pass_at_1" in ops and "metastone.backbone.params" in ops
+    assert '"backbone/params"' not in ops and '"backbone/pass' not in ops
 
 
 def test_pass_at_k_estimator():

@@ -156,6 +156,13 @@ def _log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
         fn(metrics, step=step)
 
 
+def _log_tags(tags: dict[str, str]) -> None:
+    """Tag the active MLflow run (through ``metastone_lab.tracking``) if there is one."""
+    from metastone_lab import tracking
+
+    tracking.active().set_tags(tags)
+
+
 def _encode(task, tokenizer, split: str) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, solution ids + eos) per problem. Prompts are encoded by
     ``generate.encode_prompt``, as the trainer and the evaluation engine encode them
@@ -344,8 +351,11 @@ def build_tiny_backbone(cfg: TinyBackboneConfig | None = None, out_dir: str | Pa
         atomic_write_json(tmp / "report.json", {**report, "loss_curve": tr["loss_curve"]})
         atomic_write_json(tmp / "build_config.json", cfg.key())
         cache.write_manifest(tmp, {"config": cfg.key(), "report": report})
-    _log_metrics({f"backbone/{k}": float(v) for k, v in report.items()
-                  if k.startswith("pass@") or k in ("params", "build_seconds", "mixed_fraction")})
+    # the build's statistics describe the backbone, not the run: tags, out of the way of
+    # the run's metrics (no single-point "charts" on the run page)
+    _log_tags({f"metastone.backbone.{k.replace('@', '_at_')}": f"{float(v):g}"
+               for k, v in report.items()
+               if k.startswith("pass@") or k in ("params", "build_seconds", "mixed_fraction")})
     return {**report, "cached": False, "path": str(out)}
 
 
