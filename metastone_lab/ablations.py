@@ -1,6 +1,6 @@
 """``make ablations``: run every ablation spec through the runner, then the report.
 
-    python -m metastone_lab.ablations                 # the full study (45 min measured, 2 idle cores)
+    python -m metastone_lab.ablations                 # the full study (78 min measured, 2 shared cores)
     python -m metastone_lab.ablations --micro         # every spec, tiny parameters (minutes)
     python -m metastone_lab.ablations --only ablate_loss --dry-run
     python -m metastone_lab.ablations --with-smollm2  # also the (slow) SmolLM2 segmentation spec
