@@ -455,9 +455,12 @@ class _Sweep:
                     return False
         return not self.offline
 
-    def _description(self, p: Point | None = None) -> str:
+    def _description(self, p: Point | None = None, summary: dict | None = None) -> str:
         """The MLflow run description (tag ``mlflow.note.content``): what the spec
-        measures, and for a point the values that set it apart from its siblings."""
+        measures, for a point the values that set it apart from its siblings, and once
+        the point has finished its headline numbers (the spec's ``summary_keys``, else
+        every summary value) as a table, so they lead the run page; MLflow's own
+        metrics list is alphabetical."""
         spec = self.spec
         head = spec.description or f"Spec {spec.name} ({self.nb_rel})."
         differ = getattr(self, "differing", [])
@@ -468,9 +471,15 @@ class _Sweep:
         flat = _flat(p.params)
         this = (", ".join(f"{k} = {_fmt(flat.get(k, '-'))}" for k in differ) if differ
                 else "the spec's only point")
-        return (f"{head}\n\nThis point ({p.name}): {this}. Notebook {self.nb_rel}; "
+        text = (f"{head}\n\nThis point ({p.name}): {this}. Notebook {self.nb_rel}; "
                 f"the executed notebook is under Artifacts > notebook (.ipynb and .html), "
                 f"every sample with its step scores in trajectories.html.")
+        if summary:
+            keys = [k for k in (spec.summary_keys or list(summary)) if k in summary]
+            if keys:
+                text += ("\n\n| result | value |\n|---|---|\n"
+                         + "\n".join(f"| {k} | {format_value(k, summary[k])} |" for k in keys))
+        return text
 
     def _point_tags(self, p: Point) -> dict:
         return {tracking.TAG_SPEC: self.spec.name, tracking.TAG_POINT: p.name,
@@ -630,7 +639,8 @@ class _Sweep:
             be.log_artifact(run_id, summary_path, None)
             now = int(time.time() * 1000)
             be.log_batch(run_id, [(tracking.metric_key(k), v, 0, now)
-                                  for k, v in _numeric(summary).items()])
+                                  for k, v in _numeric(summary).items()],
+                         None, {"mlflow.note.content": self._description(p, summary)})
         if error:
             tb_file = out_dir / "traceback.txt"
             if not tb_file.is_file():

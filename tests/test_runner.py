@@ -157,6 +157,9 @@ def test_grid_2x2_against_server_then_resume_skips(tmp_path, mlflow_server, caps
         # the description says what the run measured and what sets it apart
         note = ch.data.tags["mlflow.note.content"]
         assert f"This point ({name}): a = {a}, b = {b:g}." in note
+        # ... and, once finished, leads with its headline numbers (summary_keys, rounded)
+        assert note.endswith(f"| result | value |\n|---|---|\n| score | {a * b:.3f} |\n"
+                             f"| pass@1 | {b / (1 + a):.3f} |")
         assert (_latest(tmp_path, "grid2x2", name) / f"{name}.ipynb").is_file()
         scores.append(a * b)
     assert parent.data.metrics["score"] == pytest.approx(sum(scores) / 4)
