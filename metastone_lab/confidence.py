@@ -7,7 +7,7 @@ that hidden state does not carry whether the step's token was one the model
 would have written (docs/testbed.md: oracle-label probes rank a problem's own
 samples at chance), while the policy's output distribution does. This module
 gives the head what the decoder has already computed at every sampled token
-(:func:`metastone_lab.generate.token_stats`, from the raw logits, no extra
+(:func:`metastone_lab.token_signals.token_stats`, from the raw logits, no extra
 forward) summarised over the step, next to the hidden state:
 
 ==================  ====================================================
@@ -64,9 +64,9 @@ HEAD_INPUTS = ("hidden", "hidden+confidence", "confidence")
 def stats_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, topk: int = TOPK) -> torch.Tensor:
     """Token stats (3, B, L) of the tokens ``input_ids`` (B, L) under the LM ``logits``
     (B, L, V) of one forward: column ``q`` is for token ``q`` (predicted at ``q - 1``),
-    column 0 is NaN. Same rows as :func:`generate.token_stats` (logprob, self-certainty,
+    column 0 is NaN. Same rows as :func:`token_signals.token_stats` (logprob, self-certainty,
     DeepConf confidence), so training reads what the decoder records."""
-    from .generate import token_stats
+    from .token_signals import token_stats
 
     B, L = input_ids.shape
     out = torch.full((3, B, L), float("nan"), dtype=torch.float32, device=input_ids.device)

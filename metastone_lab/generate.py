@@ -47,8 +47,6 @@ scores with a batched re-forward through the shared backbone (GPU scale-out;
 """
 from __future__ import annotations
 
-import copy
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -56,115 +54,15 @@ from typing import Any, Sequence
 
 import torch
 
-from . import progress, threads
+from . import progress, sampling, threads
+from .config import from_dict
 from .confidence import lookahead
-from .config import check, from_dict
 from .errors import ConfigError, NumericsError, ShapeError
+from .evaluation import evaluate
+from .generate_config import DEFAULT_EFFORT_MAP, GenerateConfig
 from .registry import Registry
-
-DEFAULT_EFFORT_MAP = {"low": 2, "medium": 8, "high": 32}
-
-
-# ------------------------------------------------------------------------ config
-@dataclass
-class GenerateConfig:
-    """Best-of-N sampling and in-flight scoring.
-
-    ``k`` samples per problem (or ``effort`` in ``effort_map``: low/medium/high =
-    2/8/32 by default; giving both with different values is an error).
-    ``temperature == 0`` is greedy (all k samples identical: warned when k > 1); < 0 is an error.
-    ``chunk_size`` rows are decoded at once (0 = all k). ``segmenter`` /
-    ``segmenter_options`` / ``read_at`` / ``span`` go to ``steps.step_mask``.
-    ``aggregators``: trajectory scores to compute (None = all of
-    ``scoring.AGGREGATORS``). ``score``: False disables in-flight scoring
-    (benchmark baseline). ``ignore_eos``: always decode ``max_new_tokens``
-    (benchmarks). ``head_mode``: ``"per_step"`` applies the head to every new
-    position as it is decoded (keeps a (rows, L) logit tensor); ``"deferred"``
-    keeps the feature-layer hidden state of every position (rows, L, C) and, once
-    the rows are finished, applies the head only where the step mask is True
-    (no second forward either way; cheapest); ``"auto"`` = deferred when the
-    feature buffer of a chunk fits in ``feature_buffer_mb``, else per_step.
-
-    ``token_stats``: capture per-token self-signals during decoding (log-prob,
-    self-certainty, DeepConf confidence of every sampled token, from the raw
-    logits already at hand; see :func:`token_stats`). ``None`` (default) = on
-    whenever ``score`` is on, so the unscored benchmark baseline stays bare; set
-    True to get them without scoring too. ``deepconf_topk``: k of the DeepConf
-    token confidence (the paper's 20). ``deepconf_window``: its sliding-window
-    group size in tokens (the paper's 2048, scaled to our ~30-60 token responses).
-    """
-
-    k: int | None = None
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_new_tokens: int = 256
-    chunk_size: int = 32
-    segmenter: str = "reference"
-    segmenter_options: dict = field(default_factory=dict)
-    read_at: str = "before_step_token"
-    span: str = "inference"
-    aggregators: list[str] | None = None
-    seed: int = 0
-    effort: str | None = None
-    effort_map: dict = field(default_factory=lambda: dict(DEFAULT_EFFORT_MAP))
-    score: bool = True
-    ignore_eos: bool = False
-    head_mode: str = "auto"
-    feature_buffer_mb: float = 256.0
-    token_stats: bool | None = None
-    deepconf_topk: int = 20
-    deepconf_window: int = 16
-
-    def __post_init__(self) -> None:
-        if self.effort is not None:
-            check(self.effort in self.effort_map,
-                  f"GenerateConfig.effort: {self.effort!r} is not in effort_map "
-                  f"{sorted(self.effort_map)}; choose one of them or add it to effort_map")
-            mapped = self.effort_map[self.effort]
-            check(isinstance(mapped, int) and not isinstance(mapped, bool),
-                  f"GenerateConfig.effort_map[{self.effort!r}] must be an int, got {mapped!r}")
-            check(self.k is None or self.k == mapped,
-                  f"GenerateConfig: k={self.k} contradicts effort={self.effort!r} "
-                  f"(= k {mapped}); give only one of k and effort")
-            self.k = mapped
-        if self.k is None:
-            self.k = 8
-        check(self.k >= 1, f"GenerateConfig.k must be >= 1, got {self.k}; use k=1 for a single sample")
-        check(self.max_new_tokens >= 1,
-              f"GenerateConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        check(0.0 < self.top_p <= 1.0, f"GenerateConfig.top_p must be in (0, 1], got {self.top_p}")
-        check(self.temperature >= 0,
-              f"GenerateConfig.temperature must be >= 0, got {self.temperature}; use "
-              f"temperature=0 for greedy decoding or > 0 (e.g. 0.6) for sampling")
-        check(self.chunk_size >= 0,
-              f"GenerateConfig.chunk_size must be >= 0 (0 = all k at once), got {self.chunk_size}")
-        check(self.head_mode in ("auto", "per_step", "deferred"),
-              f"GenerateConfig.head_mode must be auto, per_step or deferred, got {self.head_mode!r}")
-        check(self.deepconf_topk >= 1,
-              f"GenerateConfig.deepconf_topk must be >= 1, got {self.deepconf_topk}")
-        check(self.deepconf_window >= 1,
-              f"GenerateConfig.deepconf_window must be >= 1, got {self.deepconf_window}")
-        check(self.span in ("inference", "train"),
-              f"GenerateConfig.span must be 'inference' or 'train', got {self.span!r}")
-        if self.temperature <= 0 and self.k > 1:
-            warnings.warn(
-                f"GenerateConfig: temperature={self.temperature} <= 0 is greedy decoding, so all "
-                f"k={self.k} samples are identical; set temperature > 0 (e.g. 0.6) for best-of-N",
-                UserWarning, stacklevel=3,
-            )
-
-    @property
-    def capture_token_stats(self) -> bool:
-        """Whether decoding records per-token stats (``token_stats``, None = ``score``)."""
-        return bool(self.score if self.token_stats is None else self.token_stats)
-
-    @property
-    def rows_per_chunk(self) -> int:
-        return self.k if self.chunk_size == 0 else min(self.chunk_size, self.k)
-
-    @classmethod
-    def from_dict(cls, data: dict | None) -> "GenerateConfig":
-        return from_dict(cls, data)
+from .sampling import encode_prompt, pad_right, sample_next
+from .token_signals import SIGNALS, token_stats, trajectory_signals
 
 
 # -------------------------------------------------------------------- results
@@ -212,168 +110,18 @@ class ProblemSamples:
 
 
 # ------------------------------------------------------------------- sampling
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: torch.Generator | None, probe: int = 64) -> torch.Tensor:
-    """Sample token ids (R,) from next-token ``logits`` (R, V).
-
-    ``temperature <= 0`` is argmax. Top-p keeps the smallest prefix of the
-    probability-sorted vocabulary whose mass reaches ``top_p`` (a token is dropped
-    when the mass *before* it is already >= top_p; the top token is always kept).
-
-    Speed: a full (R, V) sort costs milliseconds on CPU, so the nucleus is first
-    looked for among the ``probe`` most likely tokens (``topk``); when their mass
-    reaches ``top_p`` in every row the nucleus lies inside them and the result is
-    exactly the full-sort rule. Otherwise it falls back to a full sort.
-    """
-    return _sample_next(logits, temperature, top_p, generator, probe)[0]
-
-
-def _sample_next(logits: torch.Tensor, temperature: float, top_p: float,
-                 generator: torch.Generator | None, probe: int = 64,
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`sample_next`, plus the indices (R, K) of the K most likely tokens in
-    descending order that the top-p rule sorted (None when it sorted none: greedy
-    or top_p = 1). Temperature keeps the order, so they are the raw logits' top-K
-    too, which :func:`token_stats` reuses instead of a second topk."""
-    logits = logits.float()
-    if temperature <= 0:
-        return logits.argmax(dim=-1), None
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p >= 1.0:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1), None
-    V = probs.shape[-1]
-    K = min(max(1, probe), V)
-    while True:
-        vals, idx = probs.topk(K, dim=-1)                       # (R, K) descending
-        if K == V or bool((vals.sum(-1) >= top_p).all()):
-            break
-        K = V
-    drop = (vals.cumsum(-1) - vals) >= top_p
-    vals = vals.masked_fill(drop, 0.0)
-    choice = torch.multinomial(vals, 1, generator=generator)
-    return idx.gather(-1, choice).squeeze(-1), idx
-
-
-def token_stats(logits: torch.Tensor, ids: torch.Tensor, topk: int = 20,
-                top_idx: torch.Tensor | None = None) -> torch.Tensor:
-    """Self-signals of tokens ``ids`` (...) sampled from RAW next-token ``logits``
-    (..., V) (temperature 1, before top-p). Returns (3, ...) float32:
-
-    0. ``logprob`` = log p(id);
-    1. ``self_certainty`` = KL(Uniform || p) = -log V - (1/V) sum_j log p_j
-       (Kang et al. 2025; >= 0, higher = more certain);
-    2. ``confidence`` = -(1/k) sum over the top-k tokens of log p, k = ``topk``
-       (DeepConf token confidence, Fu et al. 2025; higher = more confident).
-
-    One log_softmax over the vocabulary and one topk, vectorised over rows.
-    ``top_idx`` (..., >= k): indices of the most likely tokens in descending
-    order, already known from sampling (:func:`_sample_next`); then no topk runs.
-    """
-    logp = torch.log_softmax(logits.float(), dim=-1)                   # (..., V)
-    V = logp.shape[-1]
-    k = min(int(topk), V)
-    lp = logp.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)          # (...)
-    sc = -logp.mean(dim=-1) - math.log(V)                               # (...)
-    if top_idx is not None and top_idx.shape[-1] >= k:
-        top = logp.gather(-1, top_idx[..., :k])                         # (..., k)
-    else:
-        top = logp.topk(k, dim=-1).values                               # (..., k)
-    cf = -top.mean(dim=-1)                                              # (...)
-    return torch.stack([lp, sc, cf])                                    # (3, ...)
-
-
-SIGNALS = ("mean_logprob", "self_certainty", "deepconf")
-
-
-def trajectory_signals(logprobs: Sequence[float], self_certainty: Sequence[float],
-                       confidence: Sequence[float], window: int = 16) -> dict[str, float]:
-    """Trajectory-level self-signals from its per-token stats (higher = more confident):
-
-    * ``mean_logprob``: mean token log-prob;
-    * ``self_certainty``: mean token self-certainty;
-    * ``deepconf``: DeepConf lowest group confidence, the minimum over sliding
-      windows of ``window`` consecutive tokens (stride 1) of the mean token
-      confidence; a response shorter than ``window`` is one group.
-
-    An empty response gets -inf for all three (never NaN).
-    """
-    if not logprobs:
-        return {s: -math.inf for s in SIGNALS}
-    conf = torch.tensor(list(confidence), dtype=torch.float64)          # (n,)
-    w = min(int(window), conf.numel())
-    groups = conf.unfold(0, w, 1).mean(dim=-1)                          # (n - w + 1,)
-    return {"mean_logprob": float(sum(logprobs) / len(logprobs)),
-            "self_certainty": float(sum(self_certainty) / len(self_certainty)),
-            "deepconf": float(groups.min())}
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    for src in (getattr(tokenizer, "eos_token_id", None),
-                getattr(getattr(_backbone(model), "generation_config", None), "eos_token_id", None)):
-        if src is None:
-            continue
-        ids.update([src] if isinstance(src, int) else list(src))
-    return ids
-
-
-def _pad_id(tokenizer: Any, eos: set[int]) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = min(eos) if eos else 0
-    return int(pad)
-
-
-def _backbone(model: Any) -> Any:
-    return getattr(model, "backbone", model)
-
-
 def _context_len(model: Any) -> int | None:
     from .sprm import backbone_config
 
     return getattr(backbone_config(_backbone(model)), "max_position_embeddings", None)
 
 
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """The prompt's token ids exactly as the engine feeds them (special tokens added)."""
-    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
-
-def pad_right(sequences: Sequence[Sequence[int]], pad_id: int, device: Any = None):
-    """Right-pad token id lists into a batch: ``(ids, attention_mask, lens)`` with
-    ``ids`` and ``attention_mask`` (B, L) long (1 on real tokens), ``lens`` (B,)."""
-    lens = torch.tensor([len(s) for s in sequences], device=device)
-    L = int(lens.max())
-    ids = torch.full((len(sequences), L), pad_id, dtype=torch.long, device=device)
-    for i, s in enumerate(sequences):
-        ids[i, :len(s)] = torch.tensor(list(s), dtype=torch.long)
-    attn = (torch.arange(L, device=device)[None, :] < lens[:, None]).long()
-    return ids, attn, lens
-
-
-def _cache_kw(backbone: Any) -> str:
-    """Name of the KV-cache argument: ``cache`` (transformers >= 5.2x) or the older
-    ``past_key_values`` (inspected on the base model, through a peft wrapper)."""
-    import inspect
-
-    base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
-    try:
-        params = inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _out_cache(out: Any) -> Any:
-    """The KV cache of a model output (``cache`` or legacy ``past_key_values``)."""
-    if isinstance(out, dict) and "cache" in out.keys():
-        return out["cache"]
-    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-
-
-def _device(model: Any) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
+_eos_ids = sampling.eos_ids
+_pad_id = sampling.pad_id_for
+_backbone = sampling.base_model
+_device = sampling.device_of
+_sample_next = sampling.sample_next_with_top
 
 
 # -------------------------------------------------------------- core decoding
@@ -419,13 +167,15 @@ def _needs_last_hidden(read_at: str) -> bool:
 def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
                   eos: set[int], pad_id: int, generator: torch.Generator | None = None,
                   ) -> list[_Chunk]:
-    """Prefill ``prompt_ids`` once, then decode ``cfg.k`` rows in chunks.
+    """Prefill ``prompt_ids`` once, then decode ``cfg.k`` rows in chunks with
+    :func:`metastone_lab.sampling.decode`, capturing through its hooks what scoring
+    needs: head logits or feature-layer states of every fed position, and the token
+    statistics of every sampled token.
 
     ``model`` is a :class:`~metastone_lab.sprm.ReflectiveModel` (or a bare causal
     LM when ``cfg.score`` is False). Returns one :class:`_Chunk` per chunk.
     """
-    backbone = _backbone(model)
-    device = _device(backbone)
+    device = _device(_backbone(model))
     score = cfg.score
     P = len(prompt_ids)
     T = cfg.max_new_tokens
@@ -438,13 +188,8 @@ def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
         mode = "deferred"
     fl = getattr(model, "feature_layer", -2)
     stats = cfg.capture_token_stats or conf_head
-    prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    cache_kw = _cache_kw(backbone)
-    out = backbone(input_ids=prompt, use_cache=True, output_hidden_states=score,
-                   logits_to_keep=1)
-    prefill_cache = _out_cache(out)
-    prefill_logits = out.logits[:, -1, :]                      # (1, V)
-    if not bool(torch.isfinite(prefill_logits).all()):  # one cheap check per problem
+    start, out = sampling.prefill(model, [prompt_ids], output_hidden_states=score)
+    if not bool(torch.isfinite(start.logits).all()):  # one cheap check per problem
         raise NumericsError(
             f"the backbone's next-token logits after the {P}-token prompt contain NaN/inf: its "
             f"weights are corrupt or diverged, or the dtype overflows (fp16?); load an earlier "
@@ -455,17 +200,14 @@ def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
     elif mode == "deferred":
         prefill_feats = out.hidden_states[fl][0]                                 # (P, C)
     del out
+    prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)    # (1, P)
 
     chunks: list[_Chunk] = []
     remaining = cfg.k
     while remaining > 0:
         R = min(cfg.rows_per_chunk, remaining)
         remaining -= R
-        cache = copy.deepcopy(prefill_cache)
-        cache.batch_repeat_interleave(R)
-        ids = torch.full((R, P + T), pad_id, dtype=torch.long, device=device)
-        ids[:, :P] = prompt
-        head = feats = None
+        head = feats = stat_buf = None
         if mode == "per_step":
             head = torch.full((R, P + T), float("nan"), dtype=torch.float32, device=device)
             head[:, :P] = prefill_head
@@ -473,63 +215,33 @@ def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
             feats = torch.full((R, P + T, prefill_feats.shape[-1]), float("nan"),
                                dtype=prefill_feats.dtype, device=device)
             feats[:, :P] = prefill_feats
-        stat_buf = None
         if stats:   # [logprob, self_certainty, confidence] of the token at each column
             stat_buf = torch.full((3, R, P + T), float("nan"), dtype=torch.float32,
                                   device=device)                                # (3, R, P+T)
-        lengths = torch.full((R,), P + T, dtype=torch.long, device=device)
-        hit_max = torch.ones(R, dtype=torch.bool, device=device)
-        rows = torch.arange(R, device=device)        # chunk row of each cache row
-        logits = prefill_logits.expand(R, -1)
-        eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=device) if eos else None
-        for t in range(T):
-            nxt, top = _sample_next(logits, cfg.temperature, cfg.top_p, generator)  # (rows,)
-            ids[rows, P + t] = nxt
-            if stat_buf is not None:   # from the raw logits that sampled nxt (no second pass)
-                stat_buf[:, rows, P + t] = token_stats(logits, nxt, cfg.deepconf_topk,
-                                                       top)                     # (3, rows)
-            if eos_t is not None and not cfg.ignore_eos:
-                done = torch.isin(nxt, eos_t)
-            else:
-                done = torch.zeros_like(nxt, dtype=torch.bool)
-            if done.any():
-                lengths[rows[done]] = P + t + 1
-                hit_max[rows[done]] = False
-            last = t == T - 1
-            if last and not feed_last:
-                break
-            # rows to feed: unfinished ones (+ finished ones once more if their
-            # final token's hidden state is needed by the read mode)
-            keep = torch.ones_like(done) if feed_last else ~done
-            if last:
-                keep = torch.ones_like(done)
-            if not keep.any():
-                break
-            if not keep.all():
-                cache.batch_select_indices(keep.nonzero().squeeze(-1))
-                rows, nxt = rows[keep], nxt[keep]
-                done = done[keep]
-            out = backbone(input_ids=nxt[:, None], use_cache=True, output_hidden_states=score,
-                           **{cache_kw: cache})
+
+        def on_token(t, rows, nxt, logits, top, stat_buf=stat_buf):
+            # from the raw logits that sampled nxt (no second pass)
+            stat_buf[:, rows, P + t] = token_stats(logits, nxt, cfg.deepconf_topk, top)
+
+        def on_forward(t, rows, out, head=head, feats=feats):
+            # the hidden state of the token fed at column P + t
             if mode == "per_step":
                 head[rows, P + t] = model.head_logits_from_hidden(out.hidden_states)[:, -1]
-            elif mode == "deferred":
+            else:
                 feats[rows, P + t] = out.hidden_states[fl][:, -1]
-            if last:
-                break
-            logits = out.logits[:, -1, :]
-            cache = _out_cache(out)
-            if feed_last and done.any():           # fed their final token; drop them now
-                keep = ~done
-                if not keep.any():
-                    break
-                cache.batch_select_indices(keep.nonzero().squeeze(-1))
-                rows, logits = rows[keep], logits[keep]
-            del out
+
+        dec = sampling.decode(model, start.repeat(R), max_new_tokens=T, eos=eos, pad_id=pad_id,
+                              temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
+                              ignore_eos=cfg.ignore_eos, output_hidden_states=score,
+                              feed_last=feed_last,
+                              on_token=on_token if stat_buf is not None else None,
+                              on_forward=on_forward if mode else None)
+        lengths = P + dec.lengths
         Lmax = int(lengths.max())
+        ids = torch.cat([prompt.expand(R, -1), dec.tokens], dim=1)[:, :Lmax]   # (R, Lmax)
         stat_buf = [None] * 3 if stat_buf is None else stat_buf[:, :, :Lmax]   # (3, R, Lmax)
-        chunks.append(_Chunk(ids=ids[:, :Lmax], lengths=lengths,
-                             head=None if head is None else head[:, :Lmax], hit_max=hit_max,
+        chunks.append(_Chunk(ids=ids, lengths=lengths,
+                             head=None if head is None else head[:, :Lmax], hit_max=dec.hit_max,
                              feats=None if feats is None else feats[:, :Lmax],
                              tok_logprob=stat_buf[0], tok_self_certainty=stat_buf[1],
                              tok_confidence=stat_buf[2]))
@@ -773,62 +485,6 @@ def reforward_scores(model: Any, tokenizer: Any, sequences: Sequence[Sequence[in
     return out
 
 
-# ---------------------------------------------------------------- evaluation
-def evaluate(samples: Sequence[ProblemSamples], *, aggregator: str = "geometric",
-             selectors: Sequence[str] | None = None, ks: Sequence[int] | None = None,
-             val_samples: Sequence[ProblemSamples] | None = None, n_boot: int = 1000,
-             seed: int = 0, log: bool = True, table_name: str = "bon_eval.json"):
-    """Metric tables for best-of-N samples (tidy DataFrame, ``metrics.TABLE_COLUMNS``).
-
-    Rows: accuracy of every selector at every k (``selectors=None``: all
-    registered ones, the self-signal ones only when the samples have
-    ``signals``; reference grouping + bootstrap
-    CI, plus unbiased ``pass@k``), trajectory AUROC / ECE for every aggregator,
-    the count of max-token trajectories without an answer and, when
-    ``val_samples`` carry step labels, ProcessBench step F1 (threshold chosen on
-    ``val_samples``, reported on ``samples``). If ``metastone_lab.tracking`` is
-    importable and ``log``, the table goes to ``tracking.active().log_table``.
-    """
-    import pandas as pd
-
-    from . import metrics
-    from .select import SELECTORS, usable_selectors
-
-    groups = [s.trajectories for s in samples]
-    if selectors is not None:
-        names = list(selectors)
-    else:   # all; self-signal selectors only when the samples carry their signals
-        names = usable_selectors(groups[0][0]) if groups and groups[0] else SELECTORS.names()
-    sel = {n: SELECTORS.get(n) for n in names}
-    aggs = sorted(groups[0][0].scores) if groups and groups[0] else []
-    parts = [metrics.accuracy_vs_k(groups, sel, ks, aggregator=aggregator, n_boot=n_boot,
-                                   seed=seed)]
-    if aggs:
-        parts.append(metrics.trajectory_metrics(groups, aggs, n_boot=n_boot, seed=seed))
-    if val_samples is not None:
-        def flat(ss):
-            ts = [t for s in ss for t in s.trajectories if t.first_wrong_step is not None]
-            return [t.step_scores for t in ts], [t.first_wrong_step for t in ts]
-        vs, vl = flat(val_samples)
-        ts_, tl = flat(samples)
-        if vl and tl:
-            parts.append(metrics.step_f1_table(vs, vl, ts_, tl))
-    table = pd.concat(parts, ignore_index=True)
-    if log:
-        _log_table(table, table_name)
-    return table
-
-
-def _log_table(table: Any, name: str) -> None:
-    try:
-        from . import tracking
-    except ImportError:
-        return
-    tracker = tracking.active()
-    if tracker is not None and hasattr(tracker, "log_table"):
-        tracker.log_table(table, name)
-
-
 # ------------------------------------------------------------------- backends
 BACKENDS: Registry = Registry("generation backend")
 BACKENDS.register("native")(generate_best_of_n)
@@ -874,11 +530,8 @@ def generate_best_of_n_vllm(model: Any, tokenizer: Any, problems: Sequence[Any],
     for problem, pids, ro in zip(problems, prompts, outs):
         seqs = [list(pids) + list(c.token_ids) for c in ro.outputs]
         P = len(pids)
-        L = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s)
-        lengths = torch.tensor([len(s) for s in seqs])
+        ids, _, lengths = pad_right(seqs, pad_id)
+        L = ids.shape[1]
         rf = reforward_scores(model, tokenizer, seqs, segmenter=cfg.segmenter, read_at=cfg.read_at,
                               span=cfg.span, segmenter_options=cfg.segmenter_options,
                               prompt_lens=[P] * len(seqs), batch_size=score_batch_size,

@@ -226,9 +226,9 @@ def scale_grad(features: torch.Tensor, grad_scale: float) -> torch.Tensor:
 def _cache_of(out: Any) -> Any:
     """The KV cache of a transformers output (``cache`` in transformers>=5.2x, where
     ``past_key_values`` is a deprecated alias; ``past_key_values`` before)."""
-    if "cache" in getattr(type(out), "__dataclass_fields__", {}):
-        return getattr(out, "cache", None)
-    return getattr(out, "past_key_values", None)
+    from .sampling import output_cache
+
+    return output_cache(out)
 
 
 class ReflectiveModel(nn.Module):

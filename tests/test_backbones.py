@@ -1,5 +1,5 @@
 """Backbones: micro build + cache (atomic, manifest, corruption), CLI JSON line,
-sampler, local HF path, SmolLM2 (marked)."""
+pass@k, local HF path, SmolLM2 (marked)."""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,8 @@ import torch
 from metastone_lab.backbones import BACKBONES, TinyBackboneConfig, build_tiny_backbone, load_backbone
 from metastone_lab.backbones import build as build_mod
 from metastone_lab.backbones import cache
-from metastone_lab.backbones.sampler import pass_at_k, sample
 from metastone_lab.errors import CheckpointError, ConfigError
+from metastone_lab.metrics import pass_at_k
 
 QUIET = lambda m: None  # noqa: E731
 
@@ -158,24 +158,6 @@ def _tiny_llama(vocab=40):
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                       eos_token_id=1, pad_token_id=0, bos_token_id=2)
     return LlamaForCausalLM(cfg).eval()
-
-
-def test_sampler_greedy_matches_full_forward_and_shapes():
-    model = _tiny_llama()
-    prompts = [[3, 4, 5], [6, 7, 8], [9, 10]]            # two lengths -> two groups
-    out = sample(model, prompts, 3, eos_id=1, max_new_tokens=6, temperature=0.0)
-    assert len(out) == 3 and all(len(o) == 3 for o in out)
-    for p, samples in zip(prompts, out):
-        assert samples[0] == samples[1] == samples[2]     # greedy: identical
-        seq = list(p)                                      # recompute without a cache
-        for _ in range(len(samples[0])):
-            with torch.no_grad():
-                seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-        assert seq[len(p):] == samples[0]
-        assert 1 not in samples[0]
-    hot = sample(model, prompts, 8, eos_id=1, max_new_tokens=6, temperature=1.0, seed=1)
-    again = sample(model, prompts, 8, eos_id=1, max_new_tokens=6, temperature=1.0, seed=1)
-    assert hot == again and len({tuple(s) for s in hot[0]}) > 1
 
 
 def test_local_hf_directory_loads(tmp_path):

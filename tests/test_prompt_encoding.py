@@ -69,9 +69,10 @@ def test_rollout_sft_build_and_evaluation_encode_a_prompt_identically(micro, mon
 
     def fake_sample(model, prompts, **kw):
         seen.extend(list(p) for p in prompts)
-        return [[kw["eos_id"]] for _ in prompts]
+        return [[min(kw["eos"])] for _ in prompts]
 
-    monkeypatch.setattr(rollout_mod, "sample", fake_sample)
+    from metastone_lab import sampling
+    monkeypatch.setattr(sampling, "sample", fake_sample)
     b = rollout_mod.rollout(None, tok, task, problems, n=2, temperature=1.0, max_new_tokens=4)
     assert seen == [want[p.prompt] for p in problems for _ in range(2)]
     for i, p in enumerate(problems[j // 2] for j in range(len(b))):

@@ -181,15 +181,12 @@ def _batch(rows, pad_id: int):
     on the prompt and the padding, so the loss covers the response only."""
     import torch
 
-    L = max(len(p) + len(r) for p, r in rows)
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.long)
-    labels = torch.full((len(rows), L), -100, dtype=torch.long)
+    from ..sampling import pad_right
+
+    ids, mask, _ = pad_right([p + r for p, r in rows], pad_id)
+    labels = torch.full_like(ids, -100)
     for i, (p, r) in enumerate(rows):
-        n = len(p) + len(r)
-        ids[i, :n] = torch.tensor(p + r)
-        mask[i, :n] = 1
-        labels[i, len(p):n] = torch.tensor(r)
+        labels[i, len(p):len(p) + len(r)] = torch.tensor(r)
     return ids, mask, labels
 
 
@@ -266,18 +263,22 @@ def train(model, cfg: TinyBackboneConfig, data, pad_id: int,
 
 def evaluate(model, tokenizer, task, cfg: TinyBackboneConfig) -> dict[str, Any]:
     """pass@1 and pass@k by sampling ``eval_k`` completions of ``eval_n`` problems."""
-    from .sampler import pass_at_k, sample
+    import torch
+
+    from .. import sampling
+    from ..metrics import pass_at_k
 
     problems = task.problems(cfg.eval_split, cfg.eval_n)
     if not problems:
         return {}
-    from ..generate import encode_prompt
-
     t0 = time.perf_counter()
-    prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
-    outs = sample(model, prompts, cfg.eval_k, eos_id=tokenizer.eos_token_id,
-                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                  batch_size=cfg.eval_batch, seed=cfg.seed)
+    prompts = [sampling.encode_prompt(tokenizer, p.prompt) for p in problems]
+    eos = sampling.eos_ids(model, tokenizer)
+    rows = sampling.sample(model, prompts, n=cfg.eval_k, max_new_tokens=cfg.max_new_tokens,
+                           eos=eos, pad_id=sampling.pad_id_for(tokenizer, eos),
+                           temperature=cfg.temperature, batch_size=cfg.eval_batch,
+                           generator=torch.Generator().manual_seed(cfg.seed))
+    outs = [rows[i * cfg.eval_k:(i + 1) * cfg.eval_k] for i in range(len(problems))]
     k = cfg.eval_k
     correct = []
     wrong_steps_located = 0

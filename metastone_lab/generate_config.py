@@ -1,0 +1,113 @@
+"""The configuration of best-of-N sampling with in-flight scoring (:class:`GenerateConfig`)."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from .config import check, from_dict
+
+DEFAULT_EFFORT_MAP = {"low": 2, "medium": 8, "high": 32}
+
+
+@dataclass
+class GenerateConfig:
+    """Best-of-N sampling and in-flight scoring.
+
+    ``k`` samples per problem (or ``effort`` in ``effort_map``: low/medium/high =
+    2/8/32 by default; giving both with different values is an error).
+    ``temperature == 0`` is greedy (all k samples identical: warned when k > 1); < 0 is an error.
+    ``chunk_size`` rows are decoded at once (0 = all k). ``segmenter`` /
+    ``segmenter_options`` / ``read_at`` / ``span`` go to ``steps.step_mask``.
+    ``aggregators``: trajectory scores to compute (None = all of
+    ``scoring.AGGREGATORS``). ``score``: False disables in-flight scoring
+    (benchmark baseline). ``ignore_eos``: always decode ``max_new_tokens``
+    (benchmarks). ``head_mode``: ``"per_step"`` applies the head to every new
+    position as it is decoded (keeps a (rows, L) logit tensor); ``"deferred"``
+    keeps the feature-layer hidden state of every position (rows, L, C) and, once
+    the rows are finished, applies the head only where the step mask is True
+    (no second forward either way; cheapest); ``"auto"`` = deferred when the
+    feature buffer of a chunk fits in ``feature_buffer_mb``, else per_step.
+
+    ``token_stats``: capture per-token self-signals during decoding (log-prob,
+    self-certainty, DeepConf confidence of every sampled token, from the raw
+    logits already at hand; see :func:`token_stats`). ``None`` (default) = on
+    whenever ``score`` is on, so the unscored benchmark baseline stays bare; set
+    True to get them without scoring too. ``deepconf_topk``: k of the DeepConf
+    token confidence (the paper's 20). ``deepconf_window``: its sliding-window
+    group size in tokens (the paper's 2048, scaled to our ~30-60 token responses).
+    """
+
+    k: int | None = None
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    chunk_size: int = 32
+    segmenter: str = "reference"
+    segmenter_options: dict = field(default_factory=dict)
+    read_at: str = "before_step_token"
+    span: str = "inference"
+    aggregators: list[str] | None = None
+    seed: int = 0
+    effort: str | None = None
+    effort_map: dict = field(default_factory=lambda: dict(DEFAULT_EFFORT_MAP))
+    score: bool = True
+    ignore_eos: bool = False
+    head_mode: str = "auto"
+    feature_buffer_mb: float = 256.0
+    token_stats: bool | None = None
+    deepconf_topk: int = 20
+    deepconf_window: int = 16
+
+    def __post_init__(self) -> None:
+        if self.effort is not None:
+            check(self.effort in self.effort_map,
+                  f"GenerateConfig.effort: {self.effort!r} is not in effort_map "
+                  f"{sorted(self.effort_map)}; choose one of them or add it to effort_map")
+            mapped = self.effort_map[self.effort]
+            check(isinstance(mapped, int) and not isinstance(mapped, bool),
+                  f"GenerateConfig.effort_map[{self.effort!r}] must be an int, got {mapped!r}")
+            check(self.k is None or self.k == mapped,
+                  f"GenerateConfig: k={self.k} contradicts effort={self.effort!r} "
+                  f"(= k {mapped}); give only one of k and effort")
+            self.k = mapped
+        if self.k is None:
+            self.k = 8
+        check(self.k >= 1, f"GenerateConfig.k must be >= 1, got {self.k}; use k=1 for a single sample")
+        check(self.max_new_tokens >= 1,
+              f"GenerateConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        check(0.0 < self.top_p <= 1.0, f"GenerateConfig.top_p must be in (0, 1], got {self.top_p}")
+        check(self.temperature >= 0,
+              f"GenerateConfig.temperature must be >= 0, got {self.temperature}; use "
+              f"temperature=0 for greedy decoding or > 0 (e.g. 0.6) for sampling")
+        check(self.chunk_size >= 0,
+              f"GenerateConfig.chunk_size must be >= 0 (0 = all k at once), got {self.chunk_size}")
+        check(self.head_mode in ("auto", "per_step", "deferred"),
+              f"GenerateConfig.head_mode must be auto, per_step or deferred, got {self.head_mode!r}")
+        check(self.deepconf_topk >= 1,
+              f"GenerateConfig.deepconf_topk must be >= 1, got {self.deepconf_topk}")
+        check(self.deepconf_window >= 1,
+              f"GenerateConfig.deepconf_window must be >= 1, got {self.deepconf_window}")
+        check(self.span in ("inference", "train"),
+              f"GenerateConfig.span must be 'inference' or 'train', got {self.span!r}")
+        if self.temperature <= 0 and self.k > 1:
+            warnings.warn(
+                f"GenerateConfig: temperature={self.temperature} <= 0 is greedy decoding, so all "
+                f"k={self.k} samples are identical; set temperature > 0 (e.g. 0.6) for best-of-N",
+                UserWarning, stacklevel=3,
+            )
+
+    @property
+    def capture_token_stats(self) -> bool:
+        """Whether decoding records per-token stats (``token_stats``, None = ``score``)."""
+        return bool(self.score if self.token_stats is None else self.token_stats)
+
+    @property
+    def rows_per_chunk(self) -> int:
+        return self.k if self.chunk_size == 0 else min(self.chunk_size, self.k)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "GenerateConfig":
+        return from_dict(cls, data)
+
+
+__all__ = ["GenerateConfig", "DEFAULT_EFFORT_MAP"]

@@ -1,0 +1,328 @@
+"""The one sampling loop: KV-cached temperature / top-p decoding of a batch of rows.
+
+Every caller samples through :func:`decode`:
+
+* the tiny backbone's pass@k right after its build (``backbones.build.evaluate``,
+  via :func:`sample`);
+* the GRPO rollouts (``training.rollout.rollout``, via :func:`sample`);
+* best-of-N with in-flight SPRM scoring and the probe
+  (``generate.decode_chunks``, which captures head scores, features and token
+  statistics through the ``on_token`` / ``on_forward`` hooks).
+
+The loop is nanoGPT's ``GPT.generate`` with a KV cache::
+
+    state = prefill(backbone, prompts)           # one forward over the prompts
+    for t in range(max_new_tokens):
+        token = sample_next(state.logits)        # temperature / top-p
+        stop the rows that sampled an EOS id; drop them from the cache
+        state = one forward of the new tokens with the cache
+
+Conventions, shared by every caller:
+
+* **Prompt encoding**: :func:`encode_prompt` (the tokenizer's special tokens
+  added, so a Llama-family BOS is always there).
+* **RNG**: draws come from the ``generator`` the caller passes, in row order at
+  every step; ``None`` = torch's global RNG (the trainer's rollouts, whose
+  checkpoints save that RNG).
+* **EOS**: :func:`eos_ids` (the tokenizer's EOS plus the model's
+  ``generation_config.eos_token_id``). A row ends at its first EOS id, which is
+  kept as its last token; finished rows leave the batch (``batch_select_indices``)
+  and cost nothing more. ``ignore_eos`` (benchmarks) always decodes
+  ``max_new_tokens``.
+* **Padding**: prompts of one length need none; prompts of different lengths are
+  left-padded, with an attention mask and explicit positions (:func:`pad_left`).
+  Finished rows are filled with ``pad_id`` after their end.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+#: ``on_token(t, rows, tokens, logits, top_idx)`` after step ``t`` sampled ``tokens`` (n,)
+#: for the batch rows ``rows`` (n,) from ``logits`` (n, V); ``top_idx`` (n, K) or None:
+#: the most likely ids that top-p sorted (see :func:`sample_next_with_top`).
+OnToken = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], None]
+#: ``on_forward(t, rows, out)`` after the forward that fed step ``t``'s tokens of ``rows``.
+OnForward = Callable[[int, torch.Tensor, Any], None]
+
+
+# ---------------------------------------------------------------- conventions
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
+    """The prompt's token ids exactly as every sampler feeds them (special tokens added)."""
+    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+def base_model(model: Any) -> Any:
+    """The causal LM under a :class:`~metastone_lab.sprm.ReflectiveModel` (``.backbone``)."""
+    return getattr(model, "backbone", model)
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The ids that end a row: the tokenizer's EOS and the model's generation EOS."""
+    ids: set[int] = set()
+    for src in (getattr(tokenizer, "eos_token_id", None),
+                getattr(getattr(base_model(model), "generation_config", None), "eos_token_id",
+                        None)):
+        if src is None:
+            continue
+        ids.update([src] if isinstance(src, int) else list(src))
+    return ids
+
+
+def pad_id_for(tokenizer: Any, eos: set[int]) -> int:
+    """The tokenizer's pad id, else the smallest EOS id (never read: masked or cut)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = min(eos) if eos else 0
+    return int(pad)
+
+
+def device_of(model: Any) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def cache_kwarg(model: Any) -> str:
+    """Name of the KV-cache argument: ``cache`` (transformers >= 5.2x) or the older
+    ``past_key_values`` (inspected on the base model, through a peft wrapper)."""
+    model = base_model(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache of a model output (``cache`` or legacy ``past_key_values``)."""
+    if isinstance(out, dict) and "cache" in out.keys():
+        return out["cache"]
+    c = getattr(out, "cache", None)
+    return c if c is not None else getattr(out, "past_key_values", None)
+
+
+def pad_right(sequences: Sequence[Sequence[int]], pad_id: int, device: Any = None):
+    """Right-pad token id lists into a batch: ``(ids, attention_mask, lens)`` with
+    ``ids`` and ``attention_mask`` (B, L) long (1 on real tokens), ``lens`` (B,)."""
+    lens = torch.tensor([len(s) for s in sequences], device=device)
+    L = max(int(lens.max()), 1) if len(sequences) else 1
+    ids = torch.full((len(sequences), L), pad_id, dtype=torch.long, device=device)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.tensor(list(s), dtype=torch.long)
+    attn = (torch.arange(L, device=device)[None, :] < lens[:, None]).long()
+    return ids, attn, lens
+
+
+def pad_left(sequences: Sequence[Sequence[int]], pad_id: int, device: Any = None):
+    """Left-pad token id lists: ``(ids, attention_mask, positions)``, each (B, P) long;
+    ``positions`` count real tokens from 0 (0 on the padding, which is masked)."""
+    P = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), P), pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros((len(sequences), P), dtype=torch.long, device=device)
+    for i, s in enumerate(sequences):
+        ids[i, P - len(s):] = torch.tensor(list(s), dtype=torch.long)
+        attn[i, P - len(s):] = 1
+    return ids, attn, (attn.cumsum(-1) - 1).clamp(min=0)
+
+
+# -------------------------------------------------------------------- sampling
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None, probe: int = 64) -> torch.Tensor:
+    """Sample token ids (R,) from next-token ``logits`` (R, V).
+
+    ``temperature <= 0`` is argmax. Top-p keeps the smallest prefix of the
+    probability-sorted vocabulary whose mass reaches ``top_p`` (a token is dropped
+    when the mass *before* it is already >= top_p; the top token is always kept).
+
+    Speed: a full (R, V) sort costs milliseconds on CPU, so the nucleus is first
+    looked for among the ``probe`` most likely tokens (``topk``); when their mass
+    reaches ``top_p`` in every row the nucleus lies inside them and the result is
+    exactly the full-sort rule. Otherwise it falls back to a full sort.
+    """
+    return sample_next_with_top(logits, temperature, top_p, generator, probe)[0]
+
+
+def sample_next_with_top(logits: torch.Tensor, temperature: float, top_p: float,
+                         generator: torch.Generator | None, probe: int = 64,
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`sample_next`, plus the indices (R, K) of the K most likely tokens in
+    descending order that the top-p rule sorted (None when it sorted none: greedy
+    or top_p = 1). Temperature keeps the order, so they are the raw logits' top-K
+    too, which the token statistics reuse instead of a second topk."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(dim=-1), None
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1), None
+    V = probs.shape[-1]
+    K = min(max(1, probe), V)
+    while True:
+        vals, idx = probs.topk(K, dim=-1)                       # (R, K) descending
+        if K == V or bool((vals.sum(-1) >= top_p).all()):
+            break
+        K = V
+    drop = (vals.cumsum(-1) - vals) >= top_p
+    vals = vals.masked_fill(drop, 0.0)
+    choice = torch.multinomial(vals, 1, generator=generator)
+    return idx.gather(-1, choice).squeeze(-1), idx
+
+
+# ----------------------------------------------------------------- the loop
+@dataclass
+class State:
+    """Where decoding of R rows starts: ``cache`` (the KV cache of the prompts),
+    ``logits`` (R, V) the next-token logits after the last prompt token, and for
+    left-padded prompts ``attention_mask`` (R, P) and ``position`` (R, 1), the
+    position of the last prompt token (both None when the rows share one length)."""
+
+    cache: Any
+    logits: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    position: torch.Tensor | None = None
+
+    @torch.inference_mode()
+    def repeat(self, n: int) -> "State":
+        """A copy with every row repeated ``n`` times (row i -> rows i*n .. i*n+n-1)."""
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(n)
+        rep = (lambda x: None if x is None else x.repeat_interleave(n, dim=0))
+        return State(cache, rep(self.logits), rep(self.attention_mask), rep(self.position))
+
+
+@dataclass
+class Decoded:
+    """The result of :func:`decode` for R rows: ``tokens`` (R, T) the new ids (``pad_id``
+    after a row's end), ``lengths`` (R,) new tokens per row (its EOS included),
+    ``hit_max`` (R,) True for rows that reached ``max_new_tokens`` without an EOS."""
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    hit_max: torch.Tensor
+
+    def rows(self) -> list[list[int]]:
+        """The new ids of each row as lists (EOS kept when produced)."""
+        return [row[:n] for row, n in zip(self.tokens.tolist(), self.lengths.tolist())]
+
+
+@torch.inference_mode()
+def prefill(model: Any, prompts: Sequence[Sequence[int]], *, pad_id: int = 0,
+            output_hidden_states: bool = False) -> tuple[State, Any]:
+    """One forward over ``prompts`` (token id lists) -> (:class:`State`, the output).
+
+    Prompts of one length are stacked as they are (no mask: the cache's own
+    positions); otherwise they are left-padded (:func:`pad_left`). Only the last
+    position's logits are computed (``logits_to_keep=1``). The output is returned
+    for callers that read the prompt's hidden states (``output_hidden_states``).
+    """
+    backbone = base_model(model)
+    device = device_of(backbone)
+    if len({len(p) for p in prompts}) == 1:
+        ids = torch.tensor([list(p) for p in prompts], dtype=torch.long, device=device)
+        out = backbone(input_ids=ids, use_cache=True, output_hidden_states=output_hidden_states,
+                       logits_to_keep=1)
+        return State(output_cache(out), out.logits[:, -1, :]), out
+    ids, attn, pos = pad_left(prompts, pad_id, device)
+    out = backbone(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                   output_hidden_states=output_hidden_states, logits_to_keep=1)
+    return State(output_cache(out), out.logits[:, -1, :], attn, pos[:, -1:]), out
+
+
+@torch.inference_mode()
+def decode(model: Any, state: State, *, max_new_tokens: int, eos: set[int], pad_id: int,
+           temperature: float = 1.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None, ignore_eos: bool = False,
+           output_hidden_states: bool = False, feed_last: bool = False,
+           on_token: OnToken | None = None, on_forward: OnForward | None = None) -> Decoded:
+    """Decode up to ``max_new_tokens`` for the R rows of ``state``.
+
+    ``feed_last``: feed every row's final token once more (its hidden state is
+    read by ``on_forward``; read modes that look at the step token itself).
+    ``output_hidden_states`` is passed to every forward (for ``on_forward``).
+    ``state`` is consumed (its cache is updated in place).
+    """
+    backbone = base_model(model)
+    cache_kw = cache_kwarg(backbone)
+    logits, cache = state.logits, state.cache
+    attn, pos = state.attention_mask, state.position
+    R, T, device = logits.shape[0], max_new_tokens, logits.device
+    tokens = torch.full((R, T), pad_id, dtype=torch.long, device=device)
+    lengths = torch.full((R,), T, dtype=torch.long, device=device)
+    hit_max = torch.ones(R, dtype=torch.bool, device=device)
+    rows = torch.arange(R, device=device)          # batch row of each cache row
+    eos_t = (torch.tensor(sorted(eos), dtype=torch.long, device=device)
+             if eos and not ignore_eos else None)
+
+    def keep_rows(keep: torch.Tensor) -> None:     # drop cache rows where keep is False
+        nonlocal rows, logits, attn, pos
+        cache.batch_select_indices(keep.nonzero().squeeze(-1))
+        rows, logits = rows[keep], logits[keep]
+        attn = None if attn is None else attn[keep]
+        pos = None if pos is None else pos[keep]
+
+    for t in range(T):
+        nxt, top = sample_next_with_top(logits, temperature, top_p, generator)   # (rows,)
+        tokens[rows, t] = nxt
+        if on_token is not None:
+            on_token(t, rows, nxt, logits, top)
+        done = torch.isin(nxt, eos_t) if eos_t is not None else torch.zeros_like(nxt, dtype=torch.bool)
+        if done.any():
+            lengths[rows[done]] = t + 1
+            hit_max[rows[done]] = False
+        last = t == T - 1
+        if last and not feed_last:
+            break
+        # feed the unfinished rows (all rows once more when their final token is read)
+        keep = torch.ones_like(done) if (feed_last or last) else ~done
+        if not keep.any():
+            break
+        if not keep.all():
+            keep_rows(keep)
+            nxt, done = nxt[keep], done[keep]
+        extra = {}
+        if attn is not None:                       # left-padded: explicit mask and positions
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=-1)
+            pos = pos + 1
+            extra = {"attention_mask": attn, "position_ids": pos}
+        out = backbone(input_ids=nxt[:, None], use_cache=True,
+                       output_hidden_states=output_hidden_states, **extra, **{cache_kw: cache})
+        if on_forward is not None:
+            on_forward(t, rows, out)
+        if last:
+            break
+        logits, cache = out.logits[:, -1, :], output_cache(out)
+        del out
+        if feed_last and done.any():               # fed their final token; drop them now
+            if bool(done.all()):
+                break
+            keep_rows(~done)
+    return Decoded(tokens, lengths, hit_max)
+
+
+def sample(model: Any, prompts: Sequence[Sequence[int]], *, n: int = 1, max_new_tokens: int,
+           eos: set[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None, batch_size: int = 0,
+           ) -> list[list[int]]:
+    """``n`` samples of each prompt, in order (prompt 0's n samples first), as lists of
+    new ids (EOS kept when produced). Rows go through :func:`decode` in batches of
+    ``batch_size`` rows (0 = all at once); each batch is prefilled once."""
+    rows = [list(p) for p in prompts for _ in range(n)]
+    if not rows:
+        return []
+    step = batch_size if batch_size > 0 else len(rows)
+    out: list[list[int]] = []
+    for s in range(0, len(rows), step):
+        state, _ = prefill(model, rows[s:s + step], pad_id=pad_id)
+        out += decode(model, state, max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id,
+                      temperature=temperature, top_p=top_p, generator=generator).rows()
+    return out
+
+
+__all__ = ["encode_prompt", "eos_ids", "pad_id_for", "cache_kwarg", "output_cache",
+           "pad_right", "pad_left", "sample_next", "sample_next_with_top", "State", "Decoded",
+           "prefill", "decode", "sample"]

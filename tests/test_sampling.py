@@ -1,0 +1,136 @@
+"""The one sampling loop (metastone_lab.sampling): KV-cached decoding equals full
+forwards, left padding equals unpadded rows, the EOS rule, the RNG policy, and
+that no other module decodes step by step with a KV cache."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from metastone_lab import sampling
+
+PKG = Path(sampling.__file__).parent
+
+
+def _tiny_llama(vocab=40, eos=1):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      eos_token_id=eos, pad_token_id=0, bos_token_id=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _greedy_full_forward(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_left_padded_greedy_decoding_matches_full_forwards():
+    model = _tiny_llama()
+    prompts = [[5, 9, 11, 30, 31], [7, 8], [20, 3, 4]]     # three lengths: left padding
+    got = sampling.sample(model, prompts, max_new_tokens=6, eos={-1}, pad_id=0, temperature=0)
+    for p, g in zip(prompts, got):
+        assert g == _greedy_full_forward(model, p, 6)
+
+
+def test_rows_of_one_length_need_no_padding_and_agree_with_padded_rows():
+    model = _tiny_llama()
+    alone = sampling.sample(model, [[7, 8]], n=2, max_new_tokens=5, eos={-1}, pad_id=0,
+                            temperature=0)
+    mixed = sampling.sample(model, [[7, 8], [5, 9, 11, 30]], max_new_tokens=5, eos={-1},
+                            pad_id=0, temperature=0)
+    state, _ = sampling.prefill(model, [[7, 8], [7, 8]])
+    assert state.attention_mask is None and state.position is None
+    assert alone[0] == alone[1] == mixed[0]
+
+
+def test_eos_ends_a_row_is_kept_and_the_rest_is_padding():
+    model = _tiny_llama()
+    free = sampling.sample(model, [[3, 4, 5]], max_new_tokens=6, eos={-1}, pad_id=0,
+                           temperature=0)[0]
+    stop = free[2]                      # make the third greedy token an EOS id
+    state, _ = sampling.prefill(model, [[3, 4, 5]])
+    dec = sampling.decode(model, state, max_new_tokens=6, eos={stop}, pad_id=0, temperature=0)
+    first = free.index(stop)
+    assert dec.rows()[0] == free[:first + 1] and dec.lengths.tolist() == [first + 1]
+    assert dec.tokens[0, first + 1:].eq(0).all() and not bool(dec.hit_max[0])
+    state, _ = sampling.prefill(model, [[3, 4, 5]])
+    bench = sampling.decode(model, state, max_new_tokens=6, eos={stop}, pad_id=0,
+                            temperature=0, ignore_eos=True)
+    assert bench.rows()[0] == free and bool(bench.hit_max[0])
+
+
+def test_rng_policy_seeded_generator_repeats_and_global_rng_is_used_without_one():
+    model = _tiny_llama()
+    kw = dict(n=8, max_new_tokens=6, eos={1}, pad_id=0, temperature=1.0)
+    a = sampling.sample(model, [[3, 4, 5], [9, 10]], generator=torch.Generator().manual_seed(1), **kw)
+    b = sampling.sample(model, [[3, 4, 5], [9, 10]], generator=torch.Generator().manual_seed(1), **kw)
+    assert a == b and len({tuple(s) for s in a[:8]}) > 1
+    torch.manual_seed(5)
+    c = sampling.sample(model, [[3, 4, 5]], **kw)
+    torch.manual_seed(5)
+    assert sampling.sample(model, [[3, 4, 5]], **kw) == c
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = torch.tensor([[3.0, 2.9, -5.0, -6.0]])
+    seen = {int(sampling.sample_next(logits, 1.0, 0.9, torch.Generator().manual_seed(s)))
+            for s in range(50)}
+    assert seen == {0, 1}
+
+
+def test_hooks_see_every_sampled_token_and_every_fed_position():
+    model = _tiny_llama()
+    state, _ = sampling.prefill(model, [[3, 4, 5]], output_hidden_states=True)
+    state = state.repeat(3)
+    toks, fed = [], []
+    dec = sampling.decode(model, state, max_new_tokens=4, eos={-1}, pad_id=0, temperature=1.0,
+                          generator=torch.Generator().manual_seed(0), output_hidden_states=True,
+                          on_token=lambda t, rows, nxt, lg, top: toks.append((t, nxt.clone())),
+                          on_forward=lambda t, rows, out: fed.append((t, len(rows),
+                                                                      len(out.hidden_states))))
+    assert [t for t, _ in toks] == [0, 1, 2, 3]
+    assert torch.equal(torch.stack([x for _, x in toks], 1), dec.tokens)
+    assert [t for t, _, _ in fed] == [0, 1, 2] and all(n == 3 for _, n, _ in fed)
+
+
+def _kv_cached_forward_loops(path: Path) -> list[int]:
+    """Lines of ``for``/``while`` loops in ``path`` that call a model with a cache argument."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    hits = []
+    for loop in ast.walk(tree):
+        if not isinstance(loop, (ast.For, ast.While)):
+            continue
+        for node in ast.walk(loop):
+            if isinstance(node, ast.Call) and any(
+                    k.arg in ("past_key_values", "cache", "use_cache") or k.arg is None
+                    and isinstance(k.value, ast.Dict) for k in node.keywords):
+                if any(k.arg == "use_cache" for k in node.keywords):
+                    hits.append(loop.lineno)
+                    break
+    return hits
+
+
+def test_no_other_module_decodes_step_by_step_with_a_kv_cache():
+    offenders = {str(p.relative_to(PKG)): _kv_cached_forward_loops(p)
+                 for p in PKG.rglob("*.py") if p.name != "sampling.py"}
+    assert {k: v for k, v in offenders.items() if v} == {}
+    assert _kv_cached_forward_loops(PKG / "sampling.py")   # the check does see the one loop
+
+
+@pytest.mark.parametrize("seqs", [[[1, 2, 3], [4]], [[5]]])
+def test_padding_helpers_shapes(seqs):
+    ids, attn, lens = sampling.pad_right(seqs, pad_id=0)
+    assert ids.shape == attn.shape == (len(seqs), max(map(len, seqs)))
+    assert lens.tolist() == [len(s) for s in seqs] and attn.sum(-1).tolist() == lens.tolist()
+    ids, attn, pos = sampling.pad_left(seqs, pad_id=0)
+    assert attn.sum(-1).tolist() == [len(s) for s in seqs]
+    assert [row[-len(s):] for row, s in zip(ids.tolist(), seqs)] == seqs
+    assert pos[:, -1].tolist() == [len(s) - 1 for s in seqs]
