@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from .config import check, from_dict
 from .errors import ConfigError
+from .held_out import Evaluation, table_value
 
 #: the headline numbers every study run reports (runs/<spec>/summary.json).
 SUMMARY_KEYS = ["pass@1", "pass@32", "bon@2", "bon@8", "bon@32", "majority@8", "majority@32",
@@ -128,7 +129,7 @@ class StudyConfig:
         return {"backbone_config": bcfg.key()} if bcfg is not None else {}
 
     def generate_config(self, k: int, seed_offset: int = 0):
-        from .generate import GenerateConfig
+        from .generate_config import GenerateConfig
 
         return GenerateConfig(k=k, temperature=self.temperature, top_p=self.top_p,
                               max_new_tokens=self.max_new_tokens, segmenter=self.segmenter,
@@ -265,65 +266,29 @@ def _reflective(module):
     return getattr(module, "rm", module)
 
 
-@dataclass
-class Evaluation:
-    """Held-out best-of-N samples and their metric table."""
-
-    test: list            # list[ProblemSamples], k_max trajectories per test problem
-    val: list             # list[ProblemSamples] for threshold choice
-    table: Any            # tidy DataFrame (metrics.TABLE_COLUMNS)
-    seconds: float
-
-
-def _with_scorer(samples, scorer, tokenizer, cfg: StudyConfig):
-    """Re-score samples with an external PRM (separate_prm): re-forward scoring."""
-    from .generate import encode_prompt, reforward_scores
-    from .scoring import AGGREGATORS, aggregate_scores
-
-    for ps in samples:
-        prompt = encode_prompt(tokenizer, ps.problem.prompt)
-        seqs = [prompt + list(t.token_ids) for t in ps.trajectories]
-        plens = [len(prompt)] * len(seqs)
-        res = reforward_scores(scorer, tokenizer, seqs, segmenter=cfg.segmenter,
-                               read_at=cfg.read_at, segmenter_options=cfg.segmenter_options,
-                               prompt_lens=plens)
-        for t, r in zip(ps.trajectories, res):
-            t.step_scores = r["scores"]
-            t.step_positions = r["positions"]
-            t.n_steps = len(r["scores"])
-            t.scores = {a: aggregate_scores(r["scores"], a) for a in AGGREGATORS.names()}
-    return samples
-
-
 def evaluate_tts(cfg: StudyConfig, trained: Trained | Any, tokenizer, *, task=None,
                  split: str | None = None, log: bool = True) -> Evaluation:
     """Sample ``k_max`` trajectories per held-out problem, score them in flight,
     and build the metric table (accuracy vs k per selector with CIs, AUROC,
     ECE, step F1 with the threshold chosen on validation)."""
-    from .generate import evaluate, generate_best_of_n
+    from .held_out import evaluate_held_out
     from .tasks import get_task
+    from .tasks.prompts import apply_prompt_format
 
     model = trained.model if isinstance(trained, Trained) else trained
     scorer = trained.scorer if isinstance(trained, Trained) else None
-    from .tasks.prompts import apply_prompt_format
-
     task = apply_prompt_format(task or get_task(cfg.task, **cfg.task_options), tokenizer,
                                cfg.prompt_format)
-    t0 = time.perf_counter()
-    test_problems = task.problems(split or cfg.eval_split, cfg.n_test)
-    test = generate_best_of_n(model, tokenizer, test_problems, task, cfg.generate_config(cfg.k_max))
-    val = []
-    if cfg.n_val:
-        val = generate_best_of_n(model, tokenizer, task.problems("val", cfg.n_val), task,
-                                 cfg.generate_config(cfg.val_k, seed_offset=7919))
-    if scorer is not None:
-        _with_scorer(test, scorer, tokenizer, cfg)
-        _with_scorer(val, scorer, tokenizer, cfg)
-    table = evaluate(test, aggregator=cfg.aggregator, val_samples=val or None, seed=cfg.seed,
-                     log=log)
+    ev = evaluate_held_out(
+        model, tokenizer, task, task.problems(split or cfg.eval_split, cfg.n_test),
+        test_config=cfg.generate_config(cfg.k_max),
+        val_problems=task.problems("val", cfg.n_val) if cfg.n_val else (),
+        val_config=cfg.generate_config(cfg.val_k, seed_offset=7919), scorer=scorer,
+        aggregator=cfg.aggregator, seed=cfg.seed, log=log)
+    test = ev.test
     if log:
         log_trajectory_view(test, tokenizer, aggregator=cfg.aggregator, read_at=cfg.read_at)
-    return Evaluation(test, val, table, time.perf_counter() - t0)
+    return ev
 
 
 def log_trajectory_view(problems, tokenizer=None, *, aggregator: str = "geometric",
@@ -358,16 +323,6 @@ def show_trajectories(ev: "Evaluation", tokenizer=None, *, n: int = 5, only: str
                             title=f"{min(n, len(probs))} {only} held-out problems"))
 
 
-def _value(table, metric: str, selector: str = "", k: int | None = None,
-           aggregator: str | None = None) -> float | None:
-    rows = table[(table.metric == metric) & (table.selector == selector)]
-    if k is not None:
-        rows = rows[rows.k == k]
-    if aggregator is not None:
-        rows = rows[rows.aggregator == aggregator]
-    return None if rows.empty else float(rows.value.iloc[0])
-
-
 def summarize(ev: Evaluation, trained: Trained | None = None, *, aggregator: str = "geometric",
               wall_seconds: float | None = None) -> dict[str, Any]:
     """The headline numbers (:data:`SUMMARY_KEYS`) from an evaluation table.
@@ -385,20 +340,20 @@ def summarize(ev: Evaluation, trained: Trained | None = None, *, aggregator: str
     from .select import SELECTORS
 
     t = ev.table
-    out: dict[str, Any] = {"pass@1": _value(t, "accuracy", "pass@k", 1),
-                           "pass@32": _value(t, "accuracy", "pass@k", 32)}
+    out: dict[str, Any] = {"pass@1": table_value(t, "accuracy", "pass@k", 1),
+                           "pass@32": table_value(t, "accuracy", "pass@k", 32)}
     for k in (2, 8, 32):
-        out[f"bon@{k}"] = _value(t, "accuracy", "sprm_bon", k)
+        out[f"bon@{k}"] = table_value(t, "accuracy", "sprm_bon", k)
     for k in (8, 32):
-        out[f"majority@{k}"] = _value(t, "accuracy", "majority", k)
-        out[f"weighted@{k}"] = _value(t, "accuracy", "sprm_weighted_vote", k)
-    out["auroc"] = _value(t, "auroc", aggregator=aggregator)
-    out["step_f1"] = _value(t, "step_f1")
+        out[f"majority@{k}"] = table_value(t, "accuracy", "majority", k)
+        out[f"weighted@{k}"] = table_value(t, "accuracy", "sprm_weighted_vote", k)
+    out["auroc"] = table_value(t, "auroc", aggregator=aggregator)
+    out["step_f1"] = table_value(t, "step_f1")
     for key, sel, k in (("self_certainty@8", "self_certainty_bon", 8),
                         ("self_certainty@32", "self_certainty_bon", 32),
                         ("mean_logprob@32", "mean_logprob_bon", 32),
                         ("deepconf@32", "deepconf_bon", 32)):
-        out[key] = _value(t, "accuracy", sel, k)
+        out[key] = table_value(t, "accuracy", sel, k)
     out["auroc_within"] = within_problem_auroc(ev.test, aggregator)[0]
     groups = [ps.trajectories for ps in ev.test]
     for k in (8, 32):
@@ -523,7 +478,7 @@ def train_and_evaluate(cfg: StudyConfig, model, tokenizer, tracker=None):
     key = content_key(content)
     hit = cache.load(key) if cache is not None else None
     if hit is not None:
-        from .generate import evaluate
+        from .evaluation import evaluate
 
         t0 = time.perf_counter()
         test, val, rec = hit
@@ -611,7 +566,7 @@ def ablation_summary(cfg: StudyConfig, ev: Evaluation, trained: Trained | None, 
       generated tokens x k, the thinking compute per problem at effort k;
     - ``curve.<series>@<step>``: the training curves (aha-moment figure).
     """
-    from .generate import evaluate
+    from .evaluation import evaluate
     from .scoring import AGGREGATORS
 
     out = summarize(ev, trained, aggregator=cfg.aggregator, wall_seconds=wall_seconds)
@@ -622,18 +577,18 @@ def ablation_summary(cfg: StudyConfig, ev: Evaluation, trained: Trained | None, 
         out[f"acc.{r.selector}@{int(r.k)}"] = float(r.value)
     read_ks = [k for k in (2, 8, 32) if k in ks]
     for agg in AGGREGATORS.names():
-        out[f"auroc.{agg}"] = _value(t, "auroc", aggregator=agg)
+        out[f"auroc.{agg}"] = table_value(t, "auroc", aggregator=agg)
         if read_ks:
             ta = evaluate(ev.test, aggregator=agg, selectors=["sprm_bon", "sprm_weighted_vote"],
                           ks=read_ks, n_boot=20, seed=cfg.seed, log=False)
             for k in read_ks:
-                out[f"bon@{k}.{agg}"] = _value(ta, "accuracy", "sprm_bon", k)
-                out[f"weighted@{k}.{agg}"] = _value(ta, "accuracy", "sprm_weighted_vote", k)
+                out[f"bon@{k}.{agg}"] = table_value(ta, "accuracy", "sprm_bon", k)
+                out[f"weighted@{k}.{agg}"] = table_value(ta, "accuracy", "sprm_weighted_vote", k)
     for agg in AGGREGATORS.names():
         out[f"auroc_within.{agg}"], n_mixed = within_problem_auroc(ev.test, agg)
     out["auroc_within"] = out.get(f"auroc_within.{cfg.aggregator}")
     out["n_mixed_problems"] = n_mixed
-    from .generate import SIGNALS
+    from .token_signals import SIGNALS
     from .metrics import within_group_auroc
 
     for sig in SIGNALS:   # the same within-problem ranking by each training-free signal
