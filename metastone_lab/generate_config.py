@@ -89,6 +89,10 @@ class GenerateConfig:
               f"GenerateConfig.deepconf_window must be >= 1, got {self.deepconf_window}")
         check(self.span in ("inference", "train"),
               f"GenerateConfig.span must be 'inference' or 'train', got {self.span!r}")
+        from .steps import check_options
+
+        check_options(self.segmenter, self.segmenter_options, read_at=self.read_at,
+                      span=self.span, where="GenerateConfig.segmenter_options")
         if self.temperature <= 0 and self.k > 1:
             warnings.warn(
                 f"GenerateConfig: temperature={self.temperature} <= 0 is greedy decoding, so all "

@@ -89,6 +89,9 @@ class ProbeConfig:
         from .tasks.prompts import parse_prompt_format
 
         parse_prompt_format(self.prompt_format, where="ProbeConfig.prompt_format")
+        from .steps import check_options
+
+        check_options(self.segmenter, {}, read_at=self.read_at, where="ProbeConfig")
         check(self.n_train >= 1, f"ProbeConfig.n_train must be >= 1, got {self.n_train}")
         check(self.n_test >= 1, f"ProbeConfig.n_test must be >= 1, got {self.n_test}")
         check(self.k >= 2, f"ProbeConfig.k must be >= 2 (within-problem ranking needs "

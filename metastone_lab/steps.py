@@ -539,11 +539,43 @@ def _conclusion_marks(input_ids: torch.Tensor, info: StepTokens, valid: torch.Te
     return out
 
 
+#: step_mask keywords every segmenter accepts (the common rules), beside its own options
+COMMON_OPTIONS = ("first_of_run", "skip_after_think", "conclusion")
+
+
+def check_options(strategy: str = "reference", options: dict | None = None, *,
+                  read_at: str = "before_step_token", span: str = "inference",
+                  where: str = "segmenter_options") -> None:
+    """Validate a step configuration when it loads, before any tokenizer or model
+    exists: ``strategy`` is registered, ``read_at`` / ``span`` are allowed, and every
+    key of ``options`` is an option of that segmenter or a common rule. Raises
+    ConfigError / UnknownNameError naming the valid choices."""
+    seg = SEGMENTERS.get(strategy)
+    if span not in SPANS:
+        raise ConfigError(f"span={span!r} is not allowed; choose one of {list(SPANS)}")
+    if read_at not in READ_AT:
+        raise ConfigError(f"read_at={read_at!r} is not allowed; choose one of {list(READ_AT)}")
+    if not isinstance(options or {}, dict):
+        raise ConfigError(f"{where} must be a mapping of option: value, got "
+                          f"{type(options).__name__}")
+    valid = seg.option_names() + list(COMMON_OPTIONS)
+    unknown = [k for k in (options or {}) if k not in valid]
+    if unknown:
+        raise ConfigError(
+            f"{where}: step segmenter {strategy!r} has no option {unknown[0]!r}; its options "
+            f"are {seg.option_names() or 'none'}, and every segmenter takes "
+            f"{list(COMMON_OPTIONS)}")
+    for k in ("first_of_run", "skip_after_think", "conclusion"):
+        v = (options or {}).get(k)
+        if v is not None and not isinstance(v, bool):
+            raise ConfigError(f"{where}.{k} must be true or false, got {v!r}")
+
+
 def check_strategy(tokenizer: Any, strategy: str = "reference", **options: Any) -> None:
     """Raise early (TokenizerError/ConfigError) if ``strategy`` cannot work with ``tokenizer``."""
     ids = torch.zeros((1, 1), dtype=torch.long)
     step_mask(ids, tokenizer, strategy, **options)
 
 
-__all__ = ["step_mask", "check_strategy", "step_tokens", "StepTokens", "Segmenter", "SEGMENTERS",
+__all__ = ["step_mask", "check_strategy", "check_options", "COMMON_OPTIONS", "step_tokens", "StepTokens", "Segmenter", "SEGMENTERS",
            "REFERENCE_MARKER", "SPANS", "READ_AT"]

@@ -31,6 +31,11 @@ SUMMARY_KEYS = ["pass@1", "pass@32", "bon@2", "bon@8", "bon@32", "majority@8", "
                 "auroc_within", "bon_minus_majority@8_ci", "bon_minus_majority@32_ci"]
 
 
+#: StudyConfig fields that training and evaluation must share (never set in ``train:``)
+SHARED_WITH_TRAINING = ("segmenter", "segmenter_options", "read_at", "backbone", "task",
+                        "task_options", "prompt_format", "aggregator")
+
+
 @dataclass
 class StudyConfig:
     """One study run: which backbone, how to train the head, how to evaluate.
@@ -93,9 +98,20 @@ class StudyConfig:
         from .tasks.prompts import parse_prompt_format
 
         parse_prompt_format(self.prompt_format, where="StudyConfig.prompt_format")
-        steps.SEGMENTERS.get(self.segmenter)
+        steps.check_options(self.segmenter, self.segmenter_options, read_at=self.read_at,
+                            where="StudyConfig.segmenter_options")
         scoring.AGGREGATORS.get(self.aggregator)
         tasks.TASKS.get(self.task)
+        check(isinstance(self.train, dict), "StudyConfig.train must be a mapping of "
+                                            "TrainConfig overrides")
+        # what is evaluated must be what was trained: these are set once, at the top level
+        shared = [k for k in SHARED_WITH_TRAINING if k in self.train]
+        if shared:
+            raise ConfigError(
+                f"StudyConfig.train sets {shared}: the study evaluates with its own "
+                f"{shared[0]!r}, so training would read other steps / data than the "
+                f"evaluation; set {shared[0]} at the top level of the study (it goes to both)")
+        self.train_config()        # unknown / ill-typed train: keys fail here, not mid-run
 
     def train_config(self):
         """The :class:`TrainConfig` this study trains with (``train`` overrides last)."""

@@ -109,3 +109,30 @@ def test_registry_unknown_name_lists_valid():
         reg.get("c")
     with pytest.raises(ValueError, match="already registered"):
         reg.register("a")(3)
+
+
+# ------------------------------------------- step options are checked when a config loads
+@pytest.mark.parametrize("kw, match", [
+    (dict(segmenter_options={"conclusoin": True}), "has no option 'conclusoin'.*conclusion"),
+    (dict(segmenter_options={"conclusion": "yes"}), "conclusion must be true or false"),
+    (dict(train={"read_at": "step_token"}), "set read_at at the top level"),
+    (dict(train={"segmenter_options": {"conclusion": False}}), "segmenter_options"),
+    (dict(train={"head_lr_typo": 1.0}), "unknown key 'head_lr_typo'"),
+])
+def test_study_config_rejects_bad_step_options_and_train_keys_at_load(kw, match):
+    from metastone_lab.study import StudyConfig
+
+    with pytest.raises(ConfigError, match=match):
+        StudyConfig(**kw)
+
+
+def test_generate_and_probe_configs_check_step_options_at_load():
+    from metastone_lab.errors import UnknownNameError
+    from metastone_lab.generate_config import GenerateConfig
+    from metastone_lab.probe import ProbeConfig
+
+    with pytest.raises(ConfigError, match="'regex' has no option 'patern'.*'pattern'"):
+        GenerateConfig(segmenter="regex", segmenter_options={"patern": "x"})
+    assert GenerateConfig(segmenter="regex", segmenter_options={"pattern": "x"}).k == 8
+    with pytest.raises(UnknownNameError, match="paragraph"):
+        ProbeConfig(segmenter="paragraf")
