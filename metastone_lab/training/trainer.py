@@ -15,6 +15,10 @@ The head sees ``f*grad_scale + f.detach()*(1-grad_scale)`` (inside
 pulled. Under ``accelerate launch`` the model is DDP-wrapped; token means are
 normalised by the all-reduced token count so the DP step equals the
 single-process step on the same global batch.
+
+What a run trains is its :class:`~.modes.TrainingMode` (``self.mode``, looked up
+from ``cfg.mode`` in the ``MODES`` registry): the trainer asks its flags, never the
+mode's name.
 """
 from __future__ import annotations
 
@@ -131,6 +135,7 @@ class Trainer:
 
         cfg.validate_names()
         self.cfg = cfg
+        self.mode = mode = cfg.training_mode   # what this run trains (training.modes)
         if accelerator is None:
             cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
             accelerator = Accelerator(cpu=cpu)
@@ -148,7 +153,7 @@ class Trainer:
             task if task is not None else get_task(cfg.task, **cfg.task_options),
             tokenizer, cfg.prompt_format)
         model.config.use_cache = False
-        base_for_prm = copy.deepcopy(model) if cfg.mode == "separate_prm" else None
+        base_for_prm = copy.deepcopy(model) if mode.separate_prm else None
         for p in model.parameters():
             p.requires_grad_(False)
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -159,18 +164,16 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(f"TrainConfig.lora_targets={cfg.lora_targets}: {e}. Name modules "
                               f"of this backbone (e.g. q_proj, v_proj)") from None
-        head_only = cfg.mode == "head_only"
+        # a frozen policy: the head's features carry no gradient to the backbone
         rm = ReflectiveModel(policy, feature_layer=cfg.feature_layer,
-                             grad_scale=0.0 if head_only else cfg.grad_scale,
+                             grad_scale=cfg.grad_scale if mode.trains_policy else 0.0,
                              head_width_mult=cfg.head_width_mult, head_dropout=cfg.head_dropout,
                              head_inputs=cfg.head_inputs)
         lora = [p for n, p in policy.named_parameters() if "lora_" in n]
-        train_policy = cfg.mode in ("joint", "sft", "separate_prm")
-        train_head = cfg.mode in ("joint", "head_only")
         for p in lora:
-            p.requires_grad_(train_policy)
+            p.requires_grad_(mode.trains_policy)
         for p in rm.head.parameters():
-            p.requires_grad_(train_head)
+            p.requires_grad_(mode.trains_policy_head)
         self.prm = None
         if base_for_prm is not None:
             for p in base_for_prm.parameters():
@@ -260,7 +263,7 @@ class Trainer:
             "lora_targets": sorted(self.cfg.lora_targets)}, path)
         ckpt_mod.load_adapter_weights(policy, path / "adapter")
         f = path / "score_module.pt"
-        if f.exists() and self.cfg.mode != "sft":
+        if f.exists() and self.mode.trains_head:
             h = load_score_module(f, rm.head_input_size, width_mult=self.cfg.head_width_mult,
                                   dropout=self.cfg.head_dropout)
             rm.head.load_state_dict(h.state_dict())
@@ -341,7 +344,7 @@ class Trainer:
             o.zero_grad(set_to_none=True)
         n_tok_global = self._allsum(b.n_response_tokens)
         denom = max(n_tok_global, 1.0) / self.world
-        train_policy = cfg.mode in ("joint", "separate_prm")
+        train_policy = self.mode.grpo
         mask = None if policy_only else self._step_mask(b)
         own_head = mask if self.prm is None else None
         out_logits, step_logits = self.model(b.input_ids, b.attention_mask, own_head,
@@ -411,9 +414,29 @@ class Trainer:
             m["policy_grad_norm"] = float(self.acc.clip_grad_norm_(lora, cfg.max_grad_norm))
         if train_policy or policy_only:
             self.optimizers["policy"].step()
-        if not policy_only and cfg.mode in ("joint", "head_only", "separate_prm"):
+        if not policy_only and self.mode.trains_head:
             self.optimizers["head"].step()
         return m
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One training step on the mode's data (``TrainingMode.data``): an update on
+        this step's rollouts, or SFT on canonical solutions. Returns the metrics,
+        losses averaged over ranks."""
+        t0 = time.perf_counter()
+        if self.mode.data == "solutions":
+            metrics = self.sft_update(self.sft_batch(step))
+            _reduce_mean(self, metrics, ["sft_loss"])
+            return metrics
+        b = self.make_rollouts(self.train_problems(step))
+        t_roll = time.perf_counter() - t0
+        metrics = self.update(b)
+        n = self._allsum(len(b))
+        metrics["reward_mean"] = self._allsum(float(b.rewards.sum())) / n
+        metrics["pass_rate"] = self._allsum(float(b.correct.float().sum())) / n
+        metrics["rollout_s"] = t_roll
+        _reduce_mean(self, metrics, ["policy_loss", "kl", "spr_loss", "kept_fraction",
+                                     "clip_frac"])
+        return metrics
 
     def sft_update(self, b: RolloutBatch) -> dict[str, float]:
         opt = self.optimizers["policy"]
@@ -515,7 +538,7 @@ class Trainer:
         path = None
         if self.acc.is_main_process:
             parts = ckpt_mod.CheckpointParts(
-                policy=self.policy, head=self.rm.head if self.cfg.mode != "separate_prm" else None,
+                policy=self.policy, head=self.rm.head if not self.mode.separate_prm else None,
                 prm_head=self.head if self.prm is not None else None,
                 optimizers=self.optimizers, state=self.trainer_state(), rng_states=gathered)
             path = ckpt_mod.save_checkpoint(out_dir, self.step, parts, keep=self.cfg.keep_checkpoints)
@@ -529,7 +552,7 @@ class Trainer:
         state = ckpt_mod.read_state(path)
         ckpt_mod.check_compatible(state, self.cfg.fingerprint_fields(), path)
         ckpt_mod.load_adapter_weights(self.policy, path / "adapter")
-        for name, target in (("score_module.pt", self.rm.head if self.cfg.mode != "separate_prm"
+        for name, target in (("score_module.pt", self.rm.head if not self.mode.separate_prm
                               else None), ("prm_score_module.pt", self.head if self.prm is not None
                                            else None)):
             if target is None:
@@ -697,7 +720,7 @@ def train(cfg: TrainConfig, tracker: Any = None, *, model: Any = None, tokenizer
     evals = [dict(step=s, eval_auroc=a) for s, a in t.aha.history]
     path = existing
     t.model.train()
-    if start == 0 and cfg.eval_every and cfg.eval_at_start and cfg.mode != "sft":
+    if start == 0 and cfg.eval_every and cfg.eval_at_start and t.mode.eval_at_start:
         ev = t.evaluate()  # the starting point of the curves, logged as step 0
         if "eval_auroc" in ev:
             t.aha.update(0, ev["eval_auroc"])
@@ -708,18 +731,7 @@ def train(cfg: TrainConfig, tracker: Any = None, *, model: Any = None, tokenizer
     for step in range(start + 1, cfg.steps + 1):
         t.step = step
         t0 = time.perf_counter()
-        if cfg.mode == "sft":
-            metrics = t.sft_update(t.sft_batch(step))
-            _reduce_mean(t, metrics, ["sft_loss"])
-        else:
-            b = t.make_rollouts(t.train_problems(step))
-            t_roll = time.perf_counter() - t0
-            metrics = t.update(b)
-            metrics["reward_mean"] = t._allsum(float(b.rewards.sum())) / t._allsum(len(b))
-            metrics["pass_rate"] = t._allsum(float(b.correct.float().sum())) / t._allsum(len(b))
-            metrics["rollout_s"] = t_roll
-            _reduce_mean(t, metrics, ["policy_loss", "kl", "spr_loss", "kept_fraction",
-                                      "clip_frac"])
+        metrics = t.train_step(step)
         metrics["step_s"] = time.perf_counter() - t0
         metrics["no_step_batches"] = t.no_step_batches
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
