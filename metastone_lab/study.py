@@ -30,19 +30,6 @@ SUMMARY_KEYS = ["pass@1", "pass@32", "bon@2", "bon@8", "bon@32", "majority@8", "
                 "auroc_within", "bon_minus_majority@8_ci", "bon_minus_majority@32_ci"]
 
 
-def check_train_mode(name: str) -> None:
-    """``StudyConfig.train_mode``: ``"none"`` or a registered training mode that trains
-    the scoring head the study evaluates (not ``sft``); ConfigError lists the choices."""
-    from .training.modes import MODES, get_mode
-
-    if name == "none":
-        return
-    mode = get_mode(name, where="StudyConfig.train_mode")
-    heads = [m for m in MODES if MODES.get(m).trains_head] + ["none"]
-    check(mode.trains_head, f"StudyConfig.train_mode={name!r} trains no scoring head, and the "
-                            f"study evaluates one; choose one of: {', '.join(heads)}")
-
-
 @dataclass
 class StudyConfig:
     """One study run: which backbone, how to train the head, how to evaluate.
@@ -106,7 +93,10 @@ class StudyConfig:
         from .tasks.prompts import parse_prompt_format
 
         parse_prompt_format(self.prompt_format, where="StudyConfig.prompt_format")
-        check_train_mode(self.train_mode)
+        if self.train_mode != "none":  # the study evaluates the head the mode trains
+            from .training.modes import get_head_mode
+
+            get_head_mode(self.train_mode, where="StudyConfig.train_mode", also=("none",))
         steps.SEGMENTERS.get(self.segmenter)
         scoring.AGGREGATORS.get(self.aggregator)
         tasks.TASKS.get(self.task)

@@ -117,6 +117,17 @@ def get_mode(name: str, where: str = "TrainConfig.mode") -> TrainingMode:
         raise UnknownNameError(f"{where}: {e}") from None
 
 
+def get_head_mode(name: str, where: str, also: tuple[str, ...] = ()) -> TrainingMode:
+    """:func:`get_mode` for a caller that evaluates the trained head (the study): a mode
+    with ``trains_head`` False is refused too, listing the valid names (+ ``also``)."""
+    mode = get_mode(name, where)
+    if not mode.trains_head:
+        heads = [m for m in MODES if MODES.get(m).trains_head] + list(also)
+        raise ConfigError(f"{where}={name!r} trains no scoring head, and it is evaluated "
+                          f"here; choose one of: {', '.join(heads)}")
+    return mode
+
+
 # ----------------------------------------------------------------------------- built-in modes
 
 @register_mode("joint")
