@@ -38,6 +38,11 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}; choose one of: {valid}"
             ) from None
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` and return what it named (e.g. a mode a test registered)."""
+        self.get(name)  # unknown -> UnknownNameError listing the valid names
+        return self._items.pop(name)
+
     def names(self) -> list[str]:
         return sorted(self._items)
 

@@ -54,7 +54,8 @@ class StudyConfig:
     #: how problems are shown to the backbone (tasks.prompts.PromptFormat keys):
     #: {} = the task's own prompt; {style: chat, shots: 2} for an instruction model
     prompt_format: dict = field(default_factory=dict)
-    train_mode: Literal["head_only", "joint", "separate_prm", "none"] = "head_only"
+    #: a registered training mode that trains the scoring head (training.modes.MODES), or "none"
+    train_mode: str = "head_only"
     train_steps: int = 40
     # Named deviation from the reference (0 = reference): the head's first steps are
     # trained without the pseudo-label filter. Measured on the tiny default
@@ -98,6 +99,10 @@ class StudyConfig:
         from .tasks.prompts import parse_prompt_format
 
         parse_prompt_format(self.prompt_format, where="StudyConfig.prompt_format")
+        if self.train_mode != "none":  # the study evaluates the head the mode trains
+            from .training.modes import get_head_mode
+
+            get_head_mode(self.train_mode, where="StudyConfig.train_mode", also=("none",))
         steps.check_options(self.segmenter, self.segmenter_options, read_at=self.read_at,
                             where="StudyConfig.segmenter_options")
         scoring.AGGREGATORS.get(self.aggregator)

@@ -427,3 +427,30 @@ def test_separate_prm_head_is_restored_by_init_from(micro, tmp_path):
     trained = {k: v for k, v in t.head.state_dict().items()}
     for k, v in t2.head.state_dict().items():
         assert torch.equal(v, trained[k]), k
+
+
+# ------------------------------------------------------ one evaluation path
+def test_training_eval_is_the_study_evaluation_path(micro):
+    """Trainer.evaluate logs what held_out.evaluate_held_out measures on the same
+    problems with the same sampler config: the curve's numbers and the final
+    evaluation's come from one function."""
+    from metastone_lab.held_out import evaluate_held_out, headline
+    from metastone_lab.training.evaluation import generate_config
+
+    t = make_trainer(micro, eval_samples=4, eval_val_problems=4, eval_test_problems=6)
+    got = t.evaluate()
+    ev = evaluate_held_out(t.rm, t.tokenizer, t.task, t.task.problems("test", 6),
+                           test_config=generate_config(t.cfg),
+                           val_problems=t.task.problems("val", 4), aggregator=t.cfg.aggregator,
+                           selectors=[], seed=t.cfg.eval_seed, n_boot=100, log=False)
+    want = headline(ev, t.cfg.aggregator)
+    assert got.keys() == want.keys() and {"eval_auroc", "eval_pass1", "eval_n"} <= got.keys()
+    assert got["eval_n"] == 24
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, nan_ok=True), k
+    # the training RNG is untouched by an evaluation
+    torch.manual_seed(3)
+    before = torch.rand(1)
+    torch.manual_seed(3)
+    t.evaluate()
+    assert torch.equal(torch.rand(1), before)

@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
 from ..config import check, to_dict
-
-MODES = ("joint", "head_only", "sft", "separate_prm")
+from .modes import MODES, TrainingMode, get_mode  # noqa: F401 - MODES: the mode registry
 
 #: TrainConfig fields that do NOT change what a run produces (its weights, its logged
 #: curves, its aha onset); every other field is in ``result_fingerprint``.
@@ -47,15 +46,12 @@ EXTENDABLE_FIELDS = ("steps",)
 class TrainConfig:
     """Reflective training (GRPO on LoRA adapters + SPR loss on the SPRM head).
 
-    Modes:
-        ``joint``: the paper's form: one forward, policy GRPO loss + KL + SPR loss.
-        ``head_only``: frozen policy; only the head learns from rollouts (cheap ablation).
-        ``sft``: supervised warm start of the LoRA adapters on canonical solutions.
-        ``separate_prm``: GRPO on the policy, and the SPR loss on a *second* frozen copy
-            of the backbone with its own head (the external-PRM baseline).
+    ``mode`` names a registered :class:`~metastone_lab.training.modes.TrainingMode`
+    (``MODES``; built in: ``joint``, ``head_only``, ``sft``, ``separate_prm``, each
+    described in :mod:`metastone_lab.training.modes`).
     """
 
-    mode: Literal["joint", "head_only", "sft", "separate_prm"] = "joint"
+    mode: str = "joint"
     backbone: str = "tiny"
     task: str = "arith"
     task_options: dict[str, Any] = field(default_factory=dict)
@@ -128,6 +124,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         from ..tasks.prompts import parse_prompt_format
 
+        get_mode(self.mode)
         parse_prompt_format(self.prompt_format, where="TrainConfig.prompt_format")
         check(self.n >= 2, f"TrainConfig.n={self.n}: GRPO needs a group of at least 2 "
                            f"trajectories per prompt to normalise advantages; set n >= 2 (default 8)")
@@ -165,6 +162,11 @@ class TrainConfig:
               "TrainConfig: resume and fresh exclude each other; resume continues the "
               "checkpoints in output_dir, fresh starts over beside them")
 
+    @property
+    def training_mode(self) -> TrainingMode:
+        """The registered mode named by ``mode`` (what it trains, on which data)."""
+        return get_mode(self.mode)
+
     def validate_names(self) -> None:
         """Check loss / segmenter / aggregator / task names against their registries."""
         from .. import loss as loss_mod, scoring, steps, tasks
@@ -177,8 +179,10 @@ class TrainConfig:
     def fingerprint_fields(self) -> dict[str, Any]:
         """The fields a checkpoint's tensors depend on (shape/layout compatibility)."""
         return {
-            "backbone": self.backbone, "mode": "policy" if self.mode != "separate_prm"
-            else "separate_prm", "lora_r": self.lora_r, "lora_alpha": self.lora_alpha,
+            # the checkpoint layout, not the mode's name: modes that save the same tensors
+            # share it ("policy" for joint/head_only/sft, "separate_prm")
+            "backbone": self.backbone, "mode": self.training_mode.checkpoint_layout,
+            "lora_r": self.lora_r, "lora_alpha": self.lora_alpha,
             "lora_targets": sorted(self.lora_targets), "head_width_mult": self.head_width_mult,
             "feature_layer": self.feature_layer,
             # the head's input width; absent for the reference head, so the fingerprint

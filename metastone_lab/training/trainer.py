@@ -15,6 +15,12 @@ The head sees ``f*grad_scale + f.detach()*(1-grad_scale)`` (inside
 pulled. Under ``accelerate launch`` the model is DDP-wrapped; token means are
 normalised by the all-reduced token count so the DP step equals the
 single-process step on the same global batch.
+
+What a run trains is its :class:`~.modes.TrainingMode` (``self.mode``, looked up
+from ``cfg.mode`` in the ``MODES`` registry): the trainer asks its flags, never the
+mode's name. Around the trainer: :mod:`.sparse_forward` (the training forward),
+:mod:`.evaluation` (held-out metrics), :mod:`.persist` (what a checkpoint holds)
+and :mod:`.run_dir` (resume / fresh / refuse).
 """
 from __future__ import annotations
 
@@ -32,18 +38,19 @@ import numpy as np
 import torch
 
 from .. import progress
-from ..errors import CheckpointError, ConfigError
-from . import checkpoint as ckpt_mod
+from ..errors import ConfigError
+from . import evaluation, persist
 from .aha import AhaDetector
 from .config import TrainConfig
 from .grpo import clipped_surrogate, k3_kl, masked_token_mean, token_logprobs
 from .metrics_log import JsonlLog
 from .rollout import RolloutBatch, pack, rollout
+from .run_dir import (LOG_NAME, SUPERSEDED_PREFIX, checkpoint_to_resume,  # noqa: F401
+                      replay_log, resume_mismatch)
+from .sparse_forward import SparseHeadForward
 
-LOG_NAME = "metrics.jsonl"
 AHA_TAG = "metastone.aha_onset_step"
 RESUMED_TAG = "metastone.train_resumed_from"
-SUPERSEDED_PREFIX = "superseded-"
 
 
 @dataclass
@@ -83,40 +90,6 @@ def count(params) -> int:
     return int(sum(p.numel() for p in params))
 
 
-class SparseHeadForward(torch.nn.Module):
-    """The training forward of a :class:`ReflectiveModel`: one backbone pass, the LM
-    logits everywhere, and the SPRM head **only at the step positions** (the mask is
-    known before the forward in training). Values equal ``ReflectiveModel.forward``'s
-    ``step_logits`` at masked positions (0 elsewhere); it saves the head's cost at the
-    other ~90% of positions. This module is what DDP wraps.
-    """
-
-    def __init__(self, rm: Any, lookahead: int = 0):
-        super().__init__()
-        self.rm = rm
-        self.lookahead = lookahead   # confidence.lookahead(read_at): a step's span past its read
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                step_mask: torch.Tensor | None = None,
-                response_start: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, L) ids -> logits (B, L, V), step_logits (B, L) or None without a mask.
-        ``response_start`` (B,): where each response begins (the confidence head reads
-        the policy's token stats from there on)."""
-        out = self.rm.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               output_hidden_states=step_mask is not None)
-        if step_mask is None:
-            return out.logits, None
-        feats = self.rm.features_from_hidden(out.hidden_states)          # (B, L, C)
-        picked = self.rm.masked_head_logits(                               # (N,)
-            feats, step_mask, logits=out.logits, input_ids=input_ids,
-            response_start=0 if response_start is None else response_start,
-            lookahead=self.lookahead)
-        step_logits = torch.zeros(step_mask.shape, dtype=picked.dtype, device=picked.device)
-        step_logits = step_logits.masked_scatter(step_mask, picked)
-        return out.logits, step_logits
-
-
 class Trainer:
     """Builds the models, optimisers and data of one run; see the module docstring."""
 
@@ -131,6 +104,7 @@ class Trainer:
 
         cfg.validate_names()
         self.cfg = cfg
+        self.mode = mode = cfg.training_mode   # what this run trains (training.modes)
         if accelerator is None:
             cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
             accelerator = Accelerator(cpu=cpu)
@@ -148,7 +122,7 @@ class Trainer:
             task if task is not None else get_task(cfg.task, **cfg.task_options),
             tokenizer, cfg.prompt_format)
         model.config.use_cache = False
-        base_for_prm = copy.deepcopy(model) if cfg.mode == "separate_prm" else None
+        base_for_prm = copy.deepcopy(model) if mode.separate_prm else None
         for p in model.parameters():
             p.requires_grad_(False)
         lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -159,18 +133,16 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(f"TrainConfig.lora_targets={cfg.lora_targets}: {e}. Name modules "
                               f"of this backbone (e.g. q_proj, v_proj)") from None
-        head_only = cfg.mode == "head_only"
+        # a frozen policy: the head's features carry no gradient to the backbone
         rm = ReflectiveModel(policy, feature_layer=cfg.feature_layer,
-                             grad_scale=0.0 if head_only else cfg.grad_scale,
+                             grad_scale=cfg.grad_scale if mode.trains_policy else 0.0,
                              head_width_mult=cfg.head_width_mult, head_dropout=cfg.head_dropout,
                              head_inputs=cfg.head_inputs)
         lora = [p for n, p in policy.named_parameters() if "lora_" in n]
-        train_policy = cfg.mode in ("joint", "sft", "separate_prm")
-        train_head = cfg.mode in ("joint", "head_only")
         for p in lora:
-            p.requires_grad_(train_policy)
+            p.requires_grad_(mode.trains_policy)
         for p in rm.head.parameters():
-            p.requires_grad_(train_head)
+            p.requires_grad_(mode.trains_policy_head)
         self.prm = None
         if base_for_prm is not None:
             for p in base_for_prm.parameters():
@@ -181,7 +153,7 @@ class Trainer:
                                        head_dropout=cfg.head_dropout,
                                        head_inputs=cfg.head_inputs)
         if cfg.init_from:
-            self._init_from(Path(cfg.init_from), policy, rm)
+            persist.init_from(self, Path(cfg.init_from), policy, rm)
         self.param_counts = {
             "backbone": count(p for n, p in policy.named_parameters() if "lora_" not in n),
             "lora": count(lora), "head": count(rm.head.parameters()),
@@ -242,34 +214,6 @@ class Trainer:
     @property
     def head(self):
         return self.scorer.head
-
-    def _init_from(self, path: Path, policy: Any, rm: Any) -> None:
-        """Initialise adapter (and head, when present) from a checkpoint dir of another run."""
-        from ..sprm import load_score_module
-
-        if (path / ckpt_mod.LATEST).exists():
-            found = ckpt_mod.find_resume_checkpoint(path)
-            if found is None:
-                raise CheckpointError(f"init_from={str(path)!r}: no complete checkpoint in it")
-            path = found
-        if not (path / "adapter").is_dir():
-            raise CheckpointError(f"init_from={str(path)!r}: no adapter/ dir; point it at a "
-                                  f"ckpt-<step> dir or a run output_dir")
-        ckpt_mod.check_compatible(ckpt_mod.read_state(path), {
-            "backbone": self.cfg.backbone, "lora_r": self.cfg.lora_r,
-            "lora_targets": sorted(self.cfg.lora_targets)}, path)
-        ckpt_mod.load_adapter_weights(policy, path / "adapter")
-        f = path / "score_module.pt"
-        if f.exists() and self.cfg.mode != "sft":
-            h = load_score_module(f, rm.head_input_size, width_mult=self.cfg.head_width_mult,
-                                  dropout=self.cfg.head_dropout)
-            rm.head.load_state_dict(h.state_dict())
-        # separate_prm keeps its trained head in prm_score_module.pt (its policy head is unused)
-        f = path / "prm_score_module.pt"
-        if f.exists() and self.prm is not None:
-            h = load_score_module(f, self.prm.head_input_size, width_mult=self.cfg.head_width_mult,
-                                  dropout=self.cfg.head_dropout)
-            self.prm.head.load_state_dict(h.state_dict())
 
     def _allsum(self, x: float) -> float:
         if self.world == 1:
@@ -341,7 +285,7 @@ class Trainer:
             o.zero_grad(set_to_none=True)
         n_tok_global = self._allsum(b.n_response_tokens)
         denom = max(n_tok_global, 1.0) / self.world
-        train_policy = cfg.mode in ("joint", "separate_prm")
+        train_policy = self.mode.grpo
         mask = None if policy_only else self._step_mask(b)
         own_head = mask if self.prm is None else None
         out_logits, step_logits = self.model(b.input_ids, b.attention_mask, own_head,
@@ -411,9 +355,29 @@ class Trainer:
             m["policy_grad_norm"] = float(self.acc.clip_grad_norm_(lora, cfg.max_grad_norm))
         if train_policy or policy_only:
             self.optimizers["policy"].step()
-        if not policy_only and cfg.mode in ("joint", "head_only", "separate_prm"):
+        if not policy_only and self.mode.trains_head:
             self.optimizers["head"].step()
         return m
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One training step on the mode's data (``TrainingMode.data``): an update on
+        this step's rollouts, or SFT on canonical solutions. Returns the metrics,
+        losses averaged over ranks."""
+        t0 = time.perf_counter()
+        if self.mode.data == "solutions":
+            metrics = self.sft_update(self.sft_batch(step))
+            _reduce_mean(self, metrics, ["sft_loss"])
+            return metrics
+        b = self.make_rollouts(self.train_problems(step))
+        t_roll = time.perf_counter() - t0
+        metrics = self.update(b)
+        n = self._allsum(len(b))
+        metrics["reward_mean"] = self._allsum(float(b.rewards.sum())) / n
+        metrics["pass_rate"] = self._allsum(float(b.correct.float().sum())) / n
+        metrics["rollout_s"] = t_roll
+        _reduce_mean(self, metrics, ["policy_loss", "kl", "spr_loss", "kept_fraction",
+                                     "clip_frac"])
+        return metrics
 
     def sft_update(self, b: RolloutBatch) -> dict[str, float]:
         opt = self.optimizers["policy"]
@@ -430,128 +394,25 @@ class Trainer:
         return {"sft_loss": float(loss.item()) * self.world}
 
     # ------------------------------------------------------------------ evaluation
-    def _eval_problems(self, split: str, k: int) -> list[Any]:
-        if split not in self._eval_cache:
-            self._eval_cache[split] = self.task.problems(split, k)
-        return self._eval_cache[split]
-
-    @torch.no_grad()
-    def _score(self, b: RolloutBatch) -> tuple[list[float], list[list[float]]]:
-        from ..confidence import lookahead
-        from ..scoring import aggregate
-
-        scorer = self.scorer
-        mask = self._step_mask(b)
-        out = scorer(b.input_ids, attention_mask=b.attention_mask, step_mask=mask,
-                     response_start=b.response_start, lookahead=lookahead(self.cfg.read_at))
-        traj = aggregate(out.step_logits.float(), mask, self.cfg.aggregator).tolist()
-        probs = torch.sigmoid(out.step_logits.float())
-        steps = [probs[i][mask[i]].tolist() for i in range(len(b))]
-        return traj, steps
-
     def evaluate(self) -> dict[str, float]:
-        """Fixed held-out evaluation: sample ``eval_samples`` trajectories per val/test
-        problem (own seed; the training RNG is untouched), score them with the head.
-        AUROC and pass@1 on test; the step-error threshold is chosen on val only."""
-        from ..metrics import auroc, choose_threshold, step_error_f1
-
-        cfg = self.cfg
-        res: dict[str, Any] = {}
-        was_training = self.model.training
-        self.model.eval()
-        if self.prm is not None:
-            self.prm.eval()
-        devices = [self.device] if self.device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(cfg.eval_seed)
-                data = {}
-                for split, k in (("val", cfg.eval_val_problems), ("test", cfg.eval_test_problems)):
-                    probs = self._eval_problems(split, k)
-                    if not probs:
-                        continue
-                    b = rollout(self.policy, self.tokenizer, self.task, probs,
-                                n=cfg.eval_samples, temperature=cfg.temperature,
-                                max_new_tokens=cfg.max_new_tokens).to(self.device)
-                    traj, steps = self._score(b)
-                    data[split] = (b, traj, steps)
-        finally:
-            self.model.train(was_training)
-            if self.prm is not None:
-                self.prm.train(was_training)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            if "test" in data:
-                b, traj, steps = data["test"]
-                res["eval_auroc"] = auroc(traj, b.correct.tolist())
-                res["eval_pass1"] = float(b.correct.float().mean())
-                res["eval_n"] = len(b)
-                if "val" in data:
-                    vb, _, vsteps = data["val"]
-                    thr = choose_threshold(vsteps, vb.first_wrong, split="val")
-                    f1 = step_error_f1(steps, b.first_wrong, thr)
-                    res["eval_step_f1"] = float(f1["f1"])
-                    res["eval_step_acc_err"] = float(f1["acc_err"])
-                    res["eval_step_acc_ok"] = float(f1["acc_ok"])
-                    res["eval_threshold"] = float(thr)
-        return res
+        """Fixed held-out evaluation (:func:`.evaluation.evaluate`): sample
+        ``eval_samples`` trajectories per val/test problem (own seed; the training RNG
+        is untouched), score them with the head. AUROC and pass@1 on test; the
+        step-error threshold is chosen on val only."""
+        return evaluation.evaluate(self)
 
     # ------------------------------------------------------------------ checkpoints
     def trainer_state(self) -> dict[str, Any]:
-        return {"fingerprint": self.cfg.fingerprint(),
-                "fingerprint_fields": self.cfg.fingerprint_fields(),
-                "result_fingerprint": self.cfg.result_fingerprint(self.fingerprint_extra),
-                "result_extra": self.fingerprint_extra,
-                "config": self.cfg.to_dict(), "aha": self.aha.state_dict(),
-                "no_step_batches": self.no_step_batches, "param_counts": self.param_counts}
+        """The JSON state a checkpoint records (:func:`.persist.trainer_state`)."""
+        return persist.trainer_state(self)
 
     def save(self, out_dir: Path) -> Path | None:
-        st = ckpt_mod.rng_state()
-        if self.world > 1:
-            gathered: list = [None] * self.world
-            torch.distributed.all_gather_object(gathered, st)
-        else:
-            gathered = [st]
-        path = None
-        if self.acc.is_main_process:
-            parts = ckpt_mod.CheckpointParts(
-                policy=self.policy, head=self.rm.head if self.cfg.mode != "separate_prm" else None,
-                prm_head=self.head if self.prm is not None else None,
-                optimizers=self.optimizers, state=self.trainer_state(), rng_states=gathered)
-            path = ckpt_mod.save_checkpoint(out_dir, self.step, parts, keep=self.cfg.keep_checkpoints)
-        self.acc.wait_for_everyone()
-        return path
+        """Write ``ckpt-<step>`` under ``out_dir`` (:func:`.persist.save`)."""
+        return persist.save(self, out_dir)
 
     def load(self, path: Path) -> None:
         """Restore a checkpoint written by :meth:`save` (weights, optimisers, RNG, state)."""
-        from ..sprm import load_score_module
-
-        state = ckpt_mod.read_state(path)
-        ckpt_mod.check_compatible(state, self.cfg.fingerprint_fields(), path)
-        ckpt_mod.load_adapter_weights(self.policy, path / "adapter")
-        for name, target in (("score_module.pt", self.rm.head if self.cfg.mode != "separate_prm"
-                              else None), ("prm_score_module.pt", self.head if self.prm is not None
-                                           else None)):
-            if target is None:
-                continue
-            try:
-                h = load_score_module(path / name, self.rm.head_input_size,
-                                      width_mult=self.cfg.head_width_mult,
-                                      dropout=self.cfg.head_dropout)
-            except Exception as e:
-                raise CheckpointError(f"{path / name}: {e}") from None
-            target.load_state_dict(h.state_dict())
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(ckpt_mod.torch_load(path / f"optim-{name}.pt"))
-        rng_file = path / f"rng-{self.rank}.pt"
-        if not rng_file.exists():
-            warnings.warn(f"{rng_file} missing (checkpoint written with a different world size);"
-                          f" using rng-0.pt", RuntimeWarning)
-            rng_file = path / "rng-0.pt"
-        ckpt_mod.set_rng_state(ckpt_mod.torch_load(rng_file))
-        self.aha.load_state_dict(state.get("aha", {}))
-        self.no_step_batches = int(state.get("no_step_batches", 0))
-        self.step = int(state["step"])
+        persist.load(self, path)
 
 
 def _spr_weight_sum(loss_fn: Any, diag: dict) -> float:
@@ -582,55 +443,6 @@ def _reduce_mean(trainer: Trainer, rows: dict[str, float], keys: Sequence[str]) 
             rows[k] = trainer._allsum(rows[k]) / trainer.world
 
 
-def resume_mismatch(ckpt: Path, cfg: TrainConfig,
-                    extra: dict[str, Any] | None = None) -> list[str]:
-    """Why ``cfg`` may not continue checkpoint ``ckpt``: one line per result field
-    (:meth:`TrainConfig.result_fields`) whose value differs from the config that wrote
-    it, a different ``extra`` identity, or a checkpoint past ``cfg.steps``. Empty when
-    resuming gives the run ``cfg`` describes."""
-    from .config import EXTENDABLE_FIELDS
-
-    state = ckpt_mod.read_state(ckpt)
-    stored = state.get("config")
-    if not isinstance(stored, dict):
-        return ["config: the checkpoint records no config (written by an old version)"]
-    out = [f"{k}: checkpoint has {a!r}, this run has {b!r}"
-           for k, (a, b) in cfg.result_diff(stored, ignore=EXTENDABLE_FIELDS).items()]
-    have_extra = state.get("result_extra") or {}
-    if have_extra != (extra or {}):
-        out.append(f"inputs: checkpoint has {have_extra!r}, this run has {extra or {}!r}")
-    step = int(state.get("step", 0))
-    if step > cfg.steps:
-        out.append(f"steps: the checkpoint is at step {step}, past this run's steps={cfg.steps}")
-    return out
-
-
-def _supersede(out_dir: Path) -> Path | None:
-    """``--fresh``: move the checkpoints, pointer and log of ``out_dir`` into
-    ``out_dir/superseded-<time>/`` (kept, never deleted) so a new run starts there."""
-    names = [p for p in out_dir.iterdir() if p.name.startswith((ckpt_mod.PREFIX, ".ckpt-"))
-             or p.name in (ckpt_mod.LATEST, LOG_NAME)]
-    if not names:
-        return None
-    import secrets
-
-    dest = out_dir / f"{SUPERSEDED_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-    dest.mkdir()
-    for p in names:
-        p.rename(dest / p.name)
-    return dest
-
-
-def _replay_log(tracker: Any, rows: Sequence[dict[str, Any]]) -> None:
-    """Log the curve of the resumed steps on this run's tracker (so every run carries
-    the full curves of the checkpoint it reports)."""
-    for row in rows:
-        vals = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))
-                and not isinstance(v, bool)}
-        if vals:
-            tracker.log_metrics(vals, step=int(row.get("step", 0)))
-
-
 def train(cfg: TrainConfig, tracker: Any = None, *, model: Any = None, tokenizer: Any = None,
           accelerator: Any = None, task: Any = None,
           fingerprint_extra: dict[str, Any] | None = None) -> TrainResult:
@@ -654,24 +466,7 @@ def train(cfg: TrainConfig, tracker: Any = None, *, model: Any = None, tokenizer
 
     tracker = tracker if tracker is not None else tracking.active()
     out_dir = Path(cfg.output_dir)
-    existing = ckpt_mod.find_resume_checkpoint(out_dir) if out_dir.exists() else None
-    if existing is not None and cfg.fresh:
-        _supersede(out_dir)
-        existing = None
-    if existing is not None and not cfg.resume:
-        raise ConfigError(
-            f"output_dir {str(out_dir)!r} already holds checkpoint {existing.name}; set "
-            f"resume: true (--resume) to continue it, fresh: true (--fresh) to start over "
-            f"(the old checkpoints move to {SUPERSEDED_PREFIX}*/), or choose a new output_dir")
-    if existing is not None:
-        why = resume_mismatch(existing, cfg, fingerprint_extra)
-        if why:
-            raise ConfigError(
-                f"cannot resume {str(existing)!r}: it was written by a different config "
-                f"({'; '.join(why)}). Continuing it would report its weights under this "
-                f"config. Resume with the config that wrote it (its state.json 'config'), or "
-                f"start over with --fresh (fresh: true; the old checkpoints move to "
-                f"{SUPERSEDED_PREFIX}*/) or another output_dir")
+    existing = checkpoint_to_resume(cfg, fingerprint_extra)
     t = Trainer(cfg, model=model, tokenizer=tokenizer, accelerator=accelerator, task=task)
     t.fingerprint_extra = dict(fingerprint_extra or {})
     main = t.acc.is_main_process
@@ -690,14 +485,14 @@ def train(cfg: TrainConfig, tracker: Any = None, *, model: Any = None, tokenizer
             if log.path.exists():
                 log.path.unlink()  # a fresh run (no checkpoint to resume): start a new curve
         else:
-            _replay_log(tracker, [r for r in log.read() if int(r.get("step", 0)) <= start])
+            replay_log(tracker, [r for r in log.read() if int(r.get("step", 0)) <= start])
             tracker.set_tags({RESUMED_TAG: str(existing)})
     t.acc.wait_for_everyone()
     last: dict[str, Any] = {}
     evals = [dict(step=s, eval_auroc=a) for s, a in t.aha.history]
     path = existing
     t.model.train()
-    if start == 0 and cfg.eval_every and cfg.eval_at_start and cfg.mode != "sft":
+    if start == 0 and cfg.eval_every and cfg.eval_at_start and t.mode.eval_at_start:
         ev = t.evaluate()  # the starting point of the curves, logged as step 0
         if "eval_auroc" in ev:
             t.aha.update(0, ev["eval_auroc"])
@@ -708,18 +503,7 @@ def train(cfg: TrainConfig, tracker: Any = None, *, model: Any = None, tokenizer
     for step in range(start + 1, cfg.steps + 1):
         t.step = step
         t0 = time.perf_counter()
-        if cfg.mode == "sft":
-            metrics = t.sft_update(t.sft_batch(step))
-            _reduce_mean(t, metrics, ["sft_loss"])
-        else:
-            b = t.make_rollouts(t.train_problems(step))
-            t_roll = time.perf_counter() - t0
-            metrics = t.update(b)
-            metrics["reward_mean"] = t._allsum(float(b.rewards.sum())) / t._allsum(len(b))
-            metrics["pass_rate"] = t._allsum(float(b.correct.float().sum())) / t._allsum(len(b))
-            metrics["rollout_s"] = t_roll
-            _reduce_mean(t, metrics, ["policy_loss", "kl", "spr_loss", "kept_fraction",
-                                      "clip_frac"])
+        metrics = t.train_step(step)
         metrics["step_s"] = time.perf_counter() - t0
         metrics["no_step_batches"] = t.no_step_batches
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
