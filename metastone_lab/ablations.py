@@ -38,18 +38,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .ablation_specs import (OPTIONAL_SPECS, PROBE_STEP, SPECS, TIMING_EXPERIMENT,  # noqa: F401
+                             repo_root, spec_path)
 from .config import load_yaml
 from .errors import ConfigError
 from .io_utils import atomic_write_json
 from . import cli_help
 
-#: the ablation families, in run order (base configuration first)
-SPECS = ["ablate_aggregation", "ablate_scaling_law", "ablate_loss", "ablate_segmentation",
-         "ablate_ood", "ablate_shared_vs_separate", "ablate_representation"]
-#: slow on CPU; only with --with-smollm2
-OPTIONAL_SPECS = ["ablate_segmentation_smollm2"]
-#: steps that are not specs: the representation probe (metastone_lab.probe), run last
-PROBE_STEP = "probe"
 #: the probe at micro scale (what the tests execute)
 MICRO_PROBE = {"n_train": 6, "n_test": 4, "k": 4, "max_new_tokens": 40}
 
@@ -59,18 +54,6 @@ MICRO_TRAIN = {"prompts_per_step": 2, "n": 4, "eval_every": 1, "eval_val_problem
 #: default testbed's 1.2, where every AUROC of a micro run would be undefined)
 MICRO_PARAMS = {"backbone": "micro", "train_steps": 2, "n_test": 4, "n_val": 4, "val_k": 2,
                 "max_new_tokens": 40, "temperature": 0.8}
-
-
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]
-
-
-def spec_path(name: str, root: Path | None = None) -> Path:
-    p = (root or repo_root()) / "experiments" / f"{name}.yaml"
-    if not p.is_file():
-        raise ConfigError(f"ablation spec {str(p)!r} not found; the families are "
-                          f"{', '.join(SPECS + OPTIONAL_SPECS)}")
-    return p
 
 
 def _micro_backbone_options(opts: dict) -> dict:
@@ -197,9 +180,6 @@ def run_all(names: list[str], *, micro: bool = False, dry_run: bool = False,
         except Exception as e:  # timing is informative; never fail the study on it
             log(f"[ablations] could not log the timing run to {uri}: {e}")
     return out
-
-
-TIMING_EXPERIMENT = "ablations"
 
 
 def _run_probe(micro: bool, tracking_uri: str, log) -> int:

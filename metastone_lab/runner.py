@@ -144,6 +144,7 @@ class Spec:
     experiment: str | None = None
     summary_keys: list[str] = field(default_factory=list)
     description: str = ""
+    report: dict = field(default_factory=dict)   # what it means: metastone_lab.report_spec
 
     def __post_init__(self) -> None:
         check(bool(_NAME_RE.match(self.name)),
@@ -169,6 +170,9 @@ class Spec:
                        f"({', '.join(RESERVED)}); remove them from the spec")
         check(not (self.seeds and "seed" in self.grid),
               f"spec {self.name!r}: give seeds either as 'seeds:' or as grid.seed, not both")
+        from .report_spec import ReportSpec
+
+        ReportSpec.from_spec(self)  # the report: section, validated on load (ConfigError)
 
     @property
     def experiment_name(self) -> str:

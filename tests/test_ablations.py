@@ -181,6 +181,9 @@ def test_micro_ablations_and_report(tmp_path, monkeypatch):
     assert "## Representation probe" in text and "| policy_logprob | none |" in text
     assert "Last `make ablations`" in text  # timing read back from the store
     assert "Not in this store" in text and "ablate_loss" in text  # missing families said so
+    # the ood family's declared comparisons are measured and listed (report: in its spec)
+    assert "## Discussion (generated from the declared comparisons)" in text
+    assert "| Out of domain | The head transfers out of domain | ood AUROC > chance |" in text
 
 
 def test_timing_section_keeps_the_full_run_and_lists_a_later_optional_spec(tmp_path):
@@ -199,7 +202,7 @@ def test_timing_section_keeps_the_full_run_and_lists_a_later_optional_spec(tmp_p
                        "loadavg_start": 0.1, "loadavg_end": 2.0,
                        "wall_s.ablate_segmentation_smollm2": 1490.0,
                        "points.ablate_segmentation_smollm2": 9}, step=0)
-    text = "\n".join(report._timing_section(uri, {}))
+    text = "\n".join(report.timing_section(uri, {}))
     assert "**50.0 min wall**" in text and "| ablate_loss | 21 | 700 |" in text
     assert "| ablate_segmentation_smollm2 (optional; separate run" in text and "| 9 | 1490 |" in text
     assert "**74.8 min wall** for the whole set (50.0 + 24.8)" in text
