@@ -218,7 +218,7 @@ def train_reflective(cfg: StudyConfig, model, tokenizer, tracker=None) -> Traine
     head (a control for the ablations).
     """
     from .sprm import ReflectiveModel
-    from .train import Trainer, train
+    from .train import train
 
     tcfg = cfg.train_config()
     if cfg.train_mode == "none" or cfg.train_steps == 0:
@@ -233,7 +233,12 @@ def train_reflective(cfg: StudyConfig, model, tokenizer, tracker=None) -> Traine
     result = train(tcfg, _TrainParams(tracker) if tracker is not None else None,
                    model=copy.deepcopy(model), tokenizer=tokenizer,
                    fingerprint_extra=cfg.train_identity())
-    return load_trained(result.checkpoint, model, tokenizer, result=result)
+    # the trained model stays in memory: no rebuild from the checkpoint just written
+    # (load_trained does that for a checkpoint from another session)
+    rm, scorer = result.model.eval(), (result.scorer.eval() if result.scorer is not None
+                                       else None)
+    result.model = result.scorer = None      # the Trained holds them; the record stays light
+    return Trained(rm, result, scorer)
 
 
 class _TrainParams:

@@ -154,3 +154,22 @@ def test_rerun_with_changed_train_key_trains_afresh_and_keeps_the_earlier_run(mi
         got = {k: v for k, v in child.data.params.items()
                if k.startswith("train.") and not k.startswith("train.param_counts")}
         assert got == want
+
+
+@pytest.mark.parametrize("mode", ["joint", "separate_prm"])
+def test_the_trained_model_stays_in_memory_and_equals_its_checkpoint(micro, tmp_path, mode):
+    """train_reflective hands back the trainer's own model (no rebuild from disk); its
+    weights are the checkpoint's, which load_trained rebuilds in another session."""
+    import torch
+
+    cfg = _cfg(micro, tmp_path, train_mode=mode)
+    model, tok = study.prepare_backbone(cfg)
+    trained = study.train_reflective(cfg, model, tok)
+    assert trained.result.model is None and not trained.model.training
+    again = study.load_trained(trained.result.checkpoint, model, tok)
+    for got, want in ((trained.model, again.model), (trained.scorer, again.scorer)):
+        if want is None:
+            assert got is None
+            continue
+        a, b = got.state_dict(), want.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -65,6 +65,11 @@ class TrainResult:
     param_counts: dict[str, int]
     no_step_batches: int
     log_path: Path = field(default_factory=Path)
+    #: the trained ReflectiveModel in memory (policy + head), so a pipeline evaluates
+    #: it without rebuilding it from the checkpoint; ``scorer``: the PRM copy
+    #: (``separate_prm``), else None
+    model: Any = field(default=None, repr=False, compare=False)
+    scorer: Any = field(default=None, repr=False, compare=False)
 
 
 def load_backbone(spec: str) -> tuple[Any, Any]:
@@ -528,4 +533,5 @@ def train(cfg: TrainConfig, tracker: Any = None, *, model: Any = None, tokenizer
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
             path = t.save(out_dir)
     return TrainResult(out_dir, max(t.step, start), start, last, evals,
-                       t.aha.onset, path, t.param_counts, t.no_step_batches, out_dir / LOG_NAME)
+                       t.aha.onset, path, t.param_counts, t.no_step_batches, out_dir / LOG_NAME,
+                       model=t.rm, scorer=t.scorer if t.prm is not None else None)
