@@ -5,7 +5,7 @@ This is the only module that imports papermill (lazily).
 Spec (``experiments/X.yaml``, loaded into :class:`Spec`)::
 
     name: ablate-scoring            # folder runs/<name>/, default MLflow experiment
-    notebook: notebooks/ablate_scoring.ipynb   # relative to the repo root
+    notebook: notebooks/ablate.ipynb   # relative to the repo root
     experiment: ablations           # optional MLflow experiment (default: name)
     parameters: {k: 8, n_problems: 64}         # base parameters
     grid: {aggregator: [geometric, min]}       # cartesian product

@@ -27,7 +27,7 @@ TRAIN_TINY = {"prompts_per_step": 2, "n": 4, "eval_every": 1, "eval_val_problems
 def test_notebooks_exist():
     names = {p.stem for p in NOTEBOOKS}
     assert {"quickstart", "build_backbone", "train_reflective", "test_time_scaling",
-            "ablate_step_segmentation", "ablate_scoring", "compare_runs"} <= names
+            "ablate", "compare_runs"} <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -179,14 +179,14 @@ def test_test_time_scaling_notebook(store, micro_backbone):
 def test_ablation_notebooks_sweep(store, micro_backbone):
     params = _study_params(micro_backbone)
     params["train_mode"] = "none"   # the sweeps' mechanics, not the head's quality
-    _run(store, "nb-seg", "ablate_step_segmentation.ipynb", params,
+    _run(store, "nb-seg", "ablate.ipynb", params,
          grid={"segmenter": ["reference", "paragraph"]})
     # (AUROC is undefined when a micro model gets every sample wrong, so only
     # always-defined metrics are required here)
     children = _check_run(store, "nb-seg", params=["segmenter"], metrics=["pass@1", "bon@2"],
                           artifacts=["accuracy_vs_k.png"])
     assert sorted(r.data.params["segmenter"] for r in children) == ["paragraph", "reference"]
-    _run(store, "nb-scoring", "ablate_scoring.ipynb", {**params, "aggregator": "min"})
+    _run(store, "nb-scoring", "ablate.ipynb", {**params, "aggregator": "min"})
     _check_run(store, "nb-scoring", params=["aggregator"], metrics=["pass@1", "bon@2"],
                artifacts=["accuracy_vs_k.png"])
 
