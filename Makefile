@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 
-.PHONY: study test install install-dev ablations report lab mlflow-ui clean
+.PHONY: study test test-unit test-integration install install-dev ablations report lab mlflow-ui clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,17 @@ install-dev: $(VENV)/.installed-dev
 study: install
 	$(BIN)/metastone-lab run experiments/quickstart.yaml
 
+# tests/unit: fast and pure (no notebook, server, second process or training run);
+# tests/integration: papermill, a real mlflow server, accelerate launch, SIGKILL,
+# headless Chromium and the micro training / sampling runs. `make test` runs both.
 test: install-dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-unit: install-dev
+	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
+
+test-integration: install-dev
+	$(BIN)/python -m pytest -q tests/integration $(PYTEST_ARGS)
 
 ablations: install
 	$(BIN)/python -m metastone_lab.ablations

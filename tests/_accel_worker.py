@@ -1,5 +1,5 @@
 """Helpers for the training tests, and the script ``accelerate launch`` runs in
-``tests/test_train_accelerate.py``.
+``tests/integration/test_train_accelerate.py``.
 
 As a script: ``accelerate launch --cpu --num_processes 2 tests/_accel_worker.py
 MICRO_DIR OUT_JSON [rank|global]`` builds the trainer on the micro backbone, takes the FIXED

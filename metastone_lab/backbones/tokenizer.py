@@ -1,7 +1,7 @@
 """The tiny backbone's tokenizer: a hand-specified Unigram model built with the
 ``tokenizers`` library and saved in Hugging Face format.
 
-Vocabulary (measured sizes in ``tests/test_tokenizer.py``):
+Vocabulary (measured sizes in ``tests/unit/test_tokenizer.py``):
 
 * special tokens ``<pad> <s> </s> <unk>``; ``<think>`` / ``</think>`` as added
   (non-special, so ``decode(skip_special_tokens=True)`` keeps them) tokens;

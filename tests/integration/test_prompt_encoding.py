@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _accel_worker import make_micro  # noqa: E402
 
 from metastone_lab.generate import encode_prompt  # noqa: E402

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _accel_worker import fixed_batch, make_micro, make_trainer  # noqa: E402
 
 from metastone_lab.config import from_dict  # noqa: E402

@@ -12,7 +12,7 @@ import pytest
 from metastone_lab import tracking
 from metastone_lab.errors import TrackingError
 
-PKG = Path(__file__).resolve().parents[1] / "metastone_lab"
+PKG = Path(__file__).resolve().parents[2] / "metastone_lab"
 RUNNER_FILES = sorted((PKG / "runner").glob("*.py"))
 
 

@@ -15,8 +15,8 @@ import yaml
 
 from metastone_lab import tracking
 
-REPO = Path(__file__).resolve().parents[1]
-NB = Path(__file__).resolve().parent / "data" / "notebooks" / "tiny_study.ipynb"
+REPO = Path(__file__).resolve().parents[2]
+NB = Path(__file__).resolve().parents[1] / "data" / "notebooks" / "tiny_study.ipynb"
 CLI = [sys.executable, "-m", "metastone_lab.cli"]
 
 

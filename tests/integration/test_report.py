@@ -1,7 +1,7 @@
 """The report renders what the specs declare: a declared variant without runs is
 said so explicitly, the verdict prose follows from the CI of the difference
 (excludes 0 vs contains 0), and the report package has no cycle with ablations.
-(Validation of the ``report:`` section on load: tests/test_report_spec.py.)
+(Validation of the ``report:`` section on load: tests/unit/test_report_spec.py.)
 
 Pure and fast: synthetic runs frames, no MLflow server, no notebook.
 """
@@ -17,7 +17,7 @@ from metastone_lab.report import claims
 from metastone_lab.report_spec import ReportSpec
 from metastone_lab.tracking import metric_key
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PKG = REPO / "metastone_lab"
 
 

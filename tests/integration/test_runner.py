@@ -16,8 +16,8 @@ import yaml
 from metastone_lab import runner, tracking
 from metastone_lab.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
-NB = Path(__file__).resolve().parent / "data" / "notebooks" / "tiny_study.ipynb"
+REPO = Path(__file__).resolve().parents[2]
+NB = Path(__file__).resolve().parents[1] / "data" / "notebooks" / "tiny_study.ipynb"
 
 
 def _spec(tmp_path, name, **kw) -> Path:

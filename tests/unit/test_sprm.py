@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _tolerance import (  # noqa: E402
     assert_within_rounding, exceeds_rounding, head_terms, llama_layer_terms as _layer_terms,
 )

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _accel_worker import fixed_batch, make_micro, make_trainer, one_step  # noqa: E402
 from _tolerance import (assert_within_rounding, head_terms, llama_terms,  # noqa: E402
                         rounding_bound)

@@ -10,7 +10,7 @@ from metastone_lab.tasks import TASKS, get_task
 from metastone_lab.tasks.answers import extract_math_answer, math_equal
 from metastone_lab.tasks.arith import ArithConfig, ArithTask, render
 
-FIXTURE = Path(__file__).parent / "fixtures" / "math_small.jsonl"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "math_small.jsonl"
 
 
 @pytest.fixture(scope="module")

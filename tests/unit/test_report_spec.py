@@ -15,7 +15,7 @@ from metastone_lab import ablation_specs, runner
 from metastone_lab.errors import ConfigError
 from metastone_lab.report_spec import ReportSpec
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_spec(tmp_path: Path, report_section: dict, points=None) -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _accel_worker import make_micro, make_trainer  # noqa: E402
 
 from metastone_lab.errors import StorageError  # noqa: E402

@@ -18,7 +18,7 @@ from metastone_lab import runner
 from metastone_lab.study import SUMMARY_KEYS
 from metastone_lab.tracking import metric_key
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 TRAIN_TINY = {"prompts_per_step": 2, "n": 4, "eval_every": 1, "eval_val_problems": 4,
               "eval_test_problems": 4, "eval_samples": 2}

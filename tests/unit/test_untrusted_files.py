@@ -7,7 +7,7 @@
 * Heads and adapters are saved as safetensors too (``save_score_module`` twin, the
   checkpoint's ``adapter/adapter_model.safetensors``) and round-trip exactly; every
   remaining ``.pt`` in a checkpoint loads with ``weights_only=True``.
-A pickle payload being refused is case 26 of tests/test_bad_inputs.py.
+A pickle payload being refused is case 26 of tests/integration/test_bad_inputs.py.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-PKG = Path(__file__).resolve().parents[1] / "metastone_lab"
+PKG = Path(__file__).resolve().parents[2] / "metastone_lab"
 
 
 # ----------------------------------------------------------------------------- scanner

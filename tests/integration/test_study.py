@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _accel_worker import make_micro  # noqa: E402
 
 from metastone_lab import study  # noqa: E402
@@ -101,7 +101,7 @@ def test_rerun_with_changed_train_key_trains_afresh_and_keeps_the_earlier_run(mi
     from metastone_lab import runner, tracking
     from metastone_lab.config import flatten
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     params = {"backbone": micro, "train_mode": "head_only", "train_steps": 2,
               "filter_warmup_steps": 2, "k_max": 2, "n_test": 2, "n_val": 2, "val_k": 2,
               "max_new_tokens": 16, "train": {"n": 2, "prompts_per_step": 1, "eval_every": 0}}

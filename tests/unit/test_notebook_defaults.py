@@ -14,7 +14,7 @@ import pytest
 from metastone_lab.runner import RESERVED
 from metastone_lab.study import StudyConfig
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
 
 
 def _defaults() -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _tolerance import rounding_bound  # noqa: E402
 
 from metastone_lab.errors import NumericsError, ShapeError

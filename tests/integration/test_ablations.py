@@ -18,7 +18,7 @@ from metastone_lab import ablations, report, runner
 from metastone_lab.config import from_dict, load_yaml
 from metastone_lab.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ALL_SPECS = ablations.SPECS + ablations.OPTIONAL_SPECS
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _accel_worker import fixed_batch, make_micro, make_trainer  # noqa: E402
 
 from metastone_lab.errors import CheckpointError, ConfigError  # noqa: E402
@@ -25,7 +25,7 @@ from metastone_lab.train import TrainConfig, train  # noqa: E402
 from metastone_lab.training import checkpoint as ck  # noqa: E402
 from metastone_lab.training.metrics_log import JsonlLog  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TASK_OPTS = {"n_train": 64, "n_val": 8, "n_test": 8, "n_ood": 0}
 TIMING_KEYS = {"step_s", "rollout_s"}
 

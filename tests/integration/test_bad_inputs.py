@@ -2,8 +2,8 @@
 message names the offending key/value/file AND the fix. Tiny random models and a word-level
 tokenizer are built here; no backbone is built, no notebook executed (well under 60 s).
 
-Crash-and-resume (§2) lives in tests/test_checkpoint.py, the tracking outage during a sweep
-(§3) in tests/test_runner.py, untrusted files (§4) in tests/test_untrusted_files.py.
+Crash-and-resume (§2) lives in tests/integration/test_checkpoint.py, the tracking outage during a sweep
+(§3) in tests/integration/test_runner.py, untrusted files (§4) in tests/unit/test_untrusted_files.py.
 
 Case                                        Input                                       Expected
 --------------------------------------------------------------------------------------------------------
@@ -74,8 +74,8 @@ from metastone_lab.errors import (CheckpointError, ConfigError, DataError, Metas
                                   NumericsError, ShapeError, TokenizerError, TrackingError,
                                   UnknownNameError)
 
-NB = Path(__file__).resolve().parent / "data" / "notebooks" / "tiny_study.ipynb"
-REPO = Path(__file__).resolve().parents[1]
+NB = Path(__file__).resolve().parents[1] / "data" / "notebooks" / "tiny_study.ipynb"
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------- helpers
