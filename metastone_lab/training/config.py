@@ -124,8 +124,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         from ..tasks.prompts import parse_prompt_format
 
+        from ..steps import check_options
+
         get_mode(self.mode)
         parse_prompt_format(self.prompt_format, where="TrainConfig.prompt_format")
+        check_options(self.segmenter, self.segmenter_options, read_at=self.read_at,
+                      where="TrainConfig.segmenter_options")
         check(self.n >= 2, f"TrainConfig.n={self.n}: GRPO needs a group of at least 2 "
                            f"trajectories per prompt to normalise advantages; set n >= 2 (default 8)")
         check(self.prompts_per_step >= 1, f"TrainConfig.prompts_per_step must be >= 1, got "
@@ -172,7 +176,8 @@ class TrainConfig:
         from .. import loss as loss_mod, scoring, steps, tasks
 
         loss_mod.LOSSES.get(self.loss)
-        steps.SEGMENTERS.get(self.segmenter)
+        steps.check_options(self.segmenter, self.segmenter_options, read_at=self.read_at,
+                            where="TrainConfig.segmenter_options")
         scoring.AGGREGATORS.get(self.aggregator)
         tasks.TASKS.get(self.task)
 

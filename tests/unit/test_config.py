@@ -136,3 +136,11 @@ def test_generate_and_probe_configs_check_step_options_at_load():
     assert GenerateConfig(segmenter="regex", segmenter_options={"pattern": "x"}).k == 8
     with pytest.raises(UnknownNameError, match="paragraph"):
         ProbeConfig(segmenter="paragraf")
+
+
+def test_train_config_checks_step_options_at_load():
+    from metastone_lab.train import TrainConfig
+
+    with pytest.raises(ConfigError, match="'fixed' has no option 'size'.*'n'"):
+        from_dict(TrainConfig, {"segmenter": "fixed", "segmenter_options": {"size": 4}})
+    assert from_dict(TrainConfig, {"segmenter": "fixed", "segmenter_options": {"n": 4}}).n >= 1
