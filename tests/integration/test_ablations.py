@@ -115,10 +115,15 @@ def test_cache_key_ignores_aggregator_but_not_what_produces_rollouts():
     for change in ({"seed": 1}, {"segmenter": "sentence"}, {"train": {"loss": "bce_all_steps"}},
                    {"eval_split": "ood"}, {"k_max": 8}, {"backbone_options": {"hidden_size": 16}},
                    {"prompt_format": {"style": "chat", "shots": 2}},
-                   # a training override of a field the study also has still counts
-                   {"train": {"read_at": "step_token"}}, {"train": {"segmenter_options": {"n": 3}}},
-                   {"train": {"prompt_format": {"shots": 1}}}):
+                   {"train": {"head_lr": 0.1}}, {"train": {"feature_layer": -1}}):
         assert key(**change) != base, change
+    # a training override of a field the study shares with training (what is evaluated)
+    # is refused when the config loads, so no cached result can hide one
+    for change in ({"train": {"read_at": "step_token"}},
+                   {"train": {"segmenter_options": {"n": 3}}},
+                   {"train": {"prompt_format": {"shots": 1}}}):
+        with pytest.raises(ConfigError, match="set .* at the top level"):
+            key(**change)
     # where the checkpoints go / how a call treats them: not part of what was produced
     assert key(train={"output_dir": "x", "resume": False, "fresh": True}) == base
 
