@@ -114,6 +114,7 @@ def run_inference_bench(args: argparse.Namespace, log: Callable[[str], None] = p
     import torch
 
     from . import generate as G
+    from . import sampling
     from .sprm import ReflectiveModel, load_score_module
     from .tasks import get_task
 
@@ -135,8 +136,8 @@ def run_inference_bench(args: argparse.Namespace, log: Callable[[str], None] = p
     other = "per_step" if G.resolve_head_mode(cfg_score, model.hidden_size, len(prompt_ids[0])) \
         == "deferred" else "deferred"
     cfg_other = G.GenerateConfig(**base, score=True, head_mode=other)
-    eos = G._eos_ids(model, tok)
-    pad = G._pad_id(tok, eos)
+    eos = sampling.eos_ids(model, tok)
+    pad = sampling.pad_id_for(tok, eos)
     aggs = G._aggregators(cfg_score)
     log(f"bench inference: backbone={args.backbone} k={k} max_new_tokens={T} "
         f"prompts={len(prompt_ids)} threads={args.threads} repeats={args.repeats} "

@@ -113,15 +113,8 @@ class ProblemSamples:
 def _context_len(model: Any) -> int | None:
     from .sprm import backbone_config
 
-    return getattr(backbone_config(_backbone(model)), "max_position_embeddings", None)
+    return getattr(backbone_config(sampling.base_model(model)), "max_position_embeddings", None)
 
-
-
-_eos_ids = sampling.eos_ids
-_pad_id = sampling.pad_id_for
-_backbone = sampling.base_model
-_device = sampling.device_of
-_sample_next = sampling.sample_next_with_top
 
 
 # -------------------------------------------------------------- core decoding
@@ -175,7 +168,7 @@ def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
     ``model`` is a :class:`~metastone_lab.sprm.ReflectiveModel` (or a bare causal
     LM when ``cfg.score`` is False). Returns one :class:`_Chunk` per chunk.
     """
-    device = _device(_backbone(model))
+    device = sampling.device_of(sampling.base_model(model))
     score = cfg.score
     P = len(prompt_ids)
     T = cfg.max_new_tokens
@@ -394,8 +387,8 @@ def generate_best_of_n(model: Any, tokenizer: Any, problems: Sequence[Any], task
             f"wrap the backbone with metastone_lab.sprm.ReflectiveModel or set score=False"
         )
     aggs = _aggregators(cfg) if cfg.score else []
-    eos = _eos_ids(model, tokenizer)
-    pad_id = _pad_id(tokenizer, eos)
+    eos = sampling.eos_ids(model, tokenizer)
+    pad_id = sampling.pad_id_for(tokenizer, eos)
     was_training = model.training
     model.eval()
     results = []
@@ -441,8 +434,8 @@ def reforward_scores(model: Any, tokenizer: Any, sequences: Sequence[Sequence[in
     cfg = GenerateConfig(k=1, segmenter=segmenter, read_at=read_at, span=span,
                          segmenter_options=dict(segmenter_options or {}))
     if pad_id is None:
-        pad_id = _pad_id(tokenizer, _eos_ids(model, tokenizer))
-    device = _device(model)
+        pad_id = sampling.pad_id_for(tokenizer, sampling.eos_ids(model, tokenizer))
+    device = sampling.device_of(model)
     was_training = model.training
     model.eval()
     out: list[dict[str, list]] = []
@@ -523,8 +516,8 @@ def generate_best_of_n_vllm(model: Any, tokenizer: Any, problems: Sequence[Any],
                                  ignore_eos=cfg.ignore_eos)
     prompts = [encode_prompt(tokenizer, p.prompt) for p in problems]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    eos = _eos_ids(model, tokenizer)
-    pad_id = _pad_id(tokenizer, eos)
+    eos = sampling.eos_ids(model, tokenizer)
+    pad_id = sampling.pad_id_for(tokenizer, eos)
     aggs = _aggregators(cfg)
     results = []
     for problem, pids, ro in zip(problems, prompts, outs):

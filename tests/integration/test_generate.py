@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _tolerance import EPS32, head_terms, llama_terms, rounding_bound  # noqa: E402
 
 from metastone_lab import generate as G
+from metastone_lab import sampling
 from metastone_lab.errors import ConfigError, ShapeError
 from metastone_lab.generate import GenerateConfig, generate_best_of_n, reforward_scores
 
@@ -354,7 +355,7 @@ def test_token_stats_formulas_by_hand():
     # the top-k indices the sampler already sorted (any temperature) give the same stats
     g = torch.Generator().manual_seed(0)
     big = torch.randn(5, 40, generator=g) * 3
-    nxt, top = G._sample_next(big, 0.6, 0.9, g)
+    nxt, top = sampling.sample_next_with_top(big, 0.6, 0.9, g)
     assert top is not None and top.shape[-1] >= 20
     assert torch.allclose(G.token_stats(big, nxt, 20, top), G.token_stats(big, nxt, 20))
 
@@ -382,8 +383,8 @@ def test_inflight_token_stats_equal_reforward(tok, eos_model):
                          deepconf_topk=5)
     prompt_ids = tok(PROMPT)["input_ids"]
     P = len(prompt_ids)
-    eos = G._eos_ids(eos_model, tok)
-    pad = G._pad_id(tok, eos)
+    eos = sampling.eos_ids(eos_model, tok)
+    pad = sampling.pad_id_for(tok, eos)
     chunks = G.decode_chunks(eos_model, prompt_ids, cfg, eos=eos, pad_id=pad,
                              generator=torch.Generator().manual_seed(0))
     n_tokens = finished = 0
@@ -439,8 +440,8 @@ def test_trajectory_token_stats_and_signals(tok, eos_model):
 def test_token_stats_off_for_the_unscored_baseline(tok, model):
     """score=False keeps the benchmark baseline bare unless token_stats=True is asked."""
     prompt_ids = tok(PROMPT)["input_ids"]
-    eos = G._eos_ids(model, tok)
-    kw = dict(eos=eos, pad_id=G._pad_id(tok, eos))
+    eos = sampling.eos_ids(model, tok)
+    kw = dict(eos=eos, pad_id=sampling.pad_id_for(tok, eos))
     bare = G.decode_chunks(model.backbone, prompt_ids,
                            GenerateConfig(k=2, max_new_tokens=4, score=False), **kw)
     assert bare[0].tok_logprob is None and bare[0].tok_confidence is None
