@@ -60,6 +60,7 @@ from .confidence import lookahead
 from .errors import ConfigError, NumericsError, ShapeError
 from .evaluation import evaluate
 from .generate_config import DEFAULT_EFFORT_MAP, GenerateConfig
+from .prefix_ties import prefix_sources, share_prefix_values
 from .registry import Registry
 from .sampling import encode_prompt, pad_right, sample_next
 from .token_signals import SIGNALS, token_stats, trajectory_signals
@@ -232,7 +233,11 @@ def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
         lengths = P + dec.lengths
         Lmax = int(lengths.max())
         ids = torch.cat([prompt.expand(R, -1), dec.tokens], dim=1)[:, :Lmax]   # (R, Lmax)
-        stat_buf = [None] * 3 if stat_buf is None else stat_buf[:, :, :Lmax]   # (3, R, Lmax)
+        if stat_buf is None:
+            stat_buf = [None] * 3
+        else:   # a shared prefix has the same stats in exact arithmetic: make them equal
+            src = prefix_sources(ids)                                           # (R, Lmax)
+            stat_buf = [share_prefix_values(x, src) for x in stat_buf[:, :, :Lmax]]
         chunks.append(_Chunk(ids=ids, lengths=lengths,
                              head=None if head is None else head[:, :Lmax], hit_max=dec.hit_max,
                              feats=None if feats is None else feats[:, :Lmax],
@@ -289,6 +294,9 @@ def finish_chunk(model: Any, chunk: _Chunk, tokenizer: Any, cfg: GenerateConfig,
                                                 lookahead=lookahead(cfg.read_at))
         chunk.head = head
         chunk.feats = None
+    if chunk.head is not None:  # equal in exact arithmetic over a shared prefix: equal here
+        chunk.head = share_prefix_values(chunk.head,
+                                         prefix_sources(chunk.ids, lookahead(cfg.read_at)))
     return mask
 
 

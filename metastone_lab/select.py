@@ -27,6 +27,10 @@ Deterministic tie rules (documented contract)
 * ``random`` draws from ``rng`` (a ``numpy.random.Generator``); with ``rng=None``
   it uses a fixed seed 0 so results are reproducible.
 * ``oracle`` returns the first correct trajectory (index 0 if none): pass@k.
+* Ties are exact where exact arithmetic makes them: the sampler gives samples that
+  share a prefix bit-identical token stats and head logits over it
+  (:mod:`metastone_lab.prefix_ties`), so these rules break them the same way on any
+  thread count, batch composition or machine.
 
 Self-signal selectors (``aggregator`` is ignored; a missing signal is a
 ConfigError naming the fix). NaN signals rank below every number.
