@@ -60,7 +60,7 @@ from .confidence import lookahead
 from .errors import ConfigError, NumericsError, ShapeError
 from .evaluation import evaluate
 from .generate_config import DEFAULT_EFFORT_MAP, GenerateConfig
-from .prefix_ties import prefix_sources, share_prefix_values
+from .prefix_ties import PrefixTies, share_prefix_values
 from .registry import Registry
 from .sampling import encode_prompt, pad_right, sample_next
 from .token_signals import SIGNALS, token_stats, trajectory_signals
@@ -143,6 +143,8 @@ class _Chunk:
     tok_logprob: torch.Tensor | None = None
     tok_self_certainty: torch.Tensor | None = None
     tok_confidence: torch.Tensor | None = None
+    #: which rows share which prefix (:class:`~metastone_lab.prefix_ties.PrefixTies`)
+    ties: PrefixTies | None = None
 
 
 def resolve_head_mode(cfg: GenerateConfig, hidden_size: int, prompt_len: int) -> str:
@@ -233,16 +235,17 @@ def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
         lengths = P + dec.lengths
         Lmax = int(lengths.max())
         ids = torch.cat([prompt.expand(R, -1), dec.tokens], dim=1)[:, :Lmax]   # (R, Lmax)
+        ties = PrefixTies(ids) if (stat_buf is not None or mode) else None
         if stat_buf is None:
             stat_buf = [None] * 3
         else:   # a shared prefix has the same stats in exact arithmetic: make them equal
-            src = prefix_sources(ids)                                           # (R, Lmax)
+            src = ties.sources()                                                # (R, Lmax)
             stat_buf = [share_prefix_values(x, src) for x in stat_buf[:, :, :Lmax]]
         chunks.append(_Chunk(ids=ids, lengths=lengths,
                              head=None if head is None else head[:, :Lmax], hit_max=dec.hit_max,
                              feats=None if feats is None else feats[:, :Lmax],
                              tok_logprob=stat_buf[0], tok_self_certainty=stat_buf[1],
-                             tok_confidence=stat_buf[2]))
+                             tok_confidence=stat_buf[2], ties=ties))
     return chunks
 
 
@@ -295,8 +298,8 @@ def finish_chunk(model: Any, chunk: _Chunk, tokenizer: Any, cfg: GenerateConfig,
         chunk.head = head
         chunk.feats = None
     if chunk.head is not None:  # equal in exact arithmetic over a shared prefix: equal here
-        chunk.head = share_prefix_values(chunk.head,
-                                         prefix_sources(chunk.ids, lookahead(cfg.read_at)))
+        ties = chunk.ties if chunk.ties is not None else PrefixTies(chunk.ids)
+        chunk.head = share_prefix_values(chunk.head, ties.sources(lookahead(cfg.read_at)))
     return mask
 
 

@@ -20,25 +20,45 @@ from __future__ import annotations
 import torch
 
 
-def prefix_sources(ids: torch.Tensor, through: int = 0) -> torch.Tensor:
-    """(R, L) long: for row ``r`` and column ``j`` the lowest row index ``s`` with
-    ``ids[s, :j + 1 + through] == ids[r, :j + 1 + through]`` (``s <= r``; ``s == r`` for a
-    prefix no earlier row shares). ``ids`` (R, L): right-padded token ids of one
-    problem's samples; equal padding counts as equal, which is harmless: a value in a
-    padding column is padding in both rows. ``through``: how many tokens after column
-    ``j`` the value there depends on (a head read before the step token depends on it).
-    Cost O(R^2 L) booleans (32 x 32 x 100 = 0.1 M: microseconds).
+class PrefixTies:
+    """Which rows of one problem's samples share which prefix.
+
+    ``ids`` (R, L): right-padded token ids of the samples (prompt included); equal
+    padding counts as equal, which is harmless: a value in a padding column is padding in
+    both rows. Built once per batch of samples (~0.1-0.3 ms for 32 x 100 on one core);
+    :meth:`sources` then answers for any look-ahead.
     """
-    R, L = ids.shape
-    differs = ids[:, None, :] != ids[None, :, :]                       # (R, R, L)
-    # first column where rows s and r differ (L if never)
-    first = torch.where(differs.any(-1), differs.int().argmax(-1),
-                        torch.full((R, R), L, dtype=torch.long, device=ids.device))  # (R, R)
-    # prefix length that decides column j (the whole row at the last columns)
-    cols = (torch.arange(L, device=ids.device) + (1 + int(through))).clamp(max=L)   # (L,)
-    shares = first[:, :, None] >= cols[None, None, :]                  # (S, R, L)
-    # the first s that shares the prefix (s == r always does: first[r, r] == L)
-    return shares.int().argmax(0)                                       # (R, L)
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        R, L = ids.shape
+        self.shape = (R, L)
+        # columns every row shares (the prompt): no pair differs there
+        lead = int((ids == ids[:1]).all(0).long().cumprod(0).sum())
+        tail = ids[:, lead:].to(torch.int32)
+        differs = tail[:, None, :] != tail[None, :, :]                  # (R, R, L - lead)
+        if differs.shape[-1]:
+            any_diff, at = differs.max(-1)                              # first True (or 0)
+            first = torch.where(any_diff, at.long() + lead, L)          # (R, R) first diff
+        else:
+            first = torch.full((R, R), L, dtype=torch.long, device=ids.device)
+        # h[r, s] = max over s' <= s of first[s', r], nondecreasing in s: the lowest s
+        # that shares a prefix of length m with row r is the number of s with h[r, s] < m
+        self._h = first.T.cummax(dim=1).values.contiguous()             # (R, S)
+
+    def sources(self, through: int = 0) -> torch.Tensor:
+        """(R, L) long: for row ``r`` and column ``j`` the lowest row ``s`` with
+        ``ids[s, :j + 1 + through] == ids[r, :j + 1 + through]`` (``s <= r``; ``s == r``
+        when no earlier row shares it). ``through``: how many tokens after column ``j``
+        the value there depends on (a head read before the step token depends on it);
+        at the last columns the prefix is the whole row."""
+        R, L = self.shape
+        cols = (torch.arange(L, device=self._h.device) + (1 + int(through))).clamp(max=L)
+        return torch.searchsorted(self._h, cols.expand(R, L).contiguous())   # (R, L)
+
+
+def prefix_sources(ids: torch.Tensor, through: int = 0) -> torch.Tensor:
+    """:meth:`PrefixTies.sources` of ``ids`` (R, L), for one look-ahead."""
+    return PrefixTies(ids).sources(through)
 
 
 def share_prefix_values(values: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -47,4 +67,4 @@ def share_prefix_values(values: torch.Tensor, src: torch.Tensor) -> torch.Tensor
     return values.gather(0, src.to(values.device))
 
 
-__all__ = ["prefix_sources", "share_prefix_values"]
+__all__ = ["PrefixTies", "prefix_sources", "share_prefix_values"]
