@@ -66,11 +66,16 @@ def field_names(cls: type) -> set[str]:
 
 
 def _fold_flat(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
-    """Move flat keys of ``data`` into their sub-config's mapping (a flat key wins
-    over the same key in a nested mapping given beside it)."""
+    """Move flat keys (``temperature``) and dotted keys (``sampling.temperature``) of
+    ``data`` into their sub-config's mapping (they win over the same key in a nested
+    mapping given beside them)."""
     flat = flat_names(cls)
-    for k in [k for k in data if k in flat]:
-        sub = flat[k]
+    subs = set(flat.values())
+    for k in [k for k in data
+              if k in flat or ("." in str(k) and str(k).partition(".")[0] in subs)]:
+        sub, _, name = str(k).partition(".")
+        if k in flat:
+            sub, name = flat[k], k
         cur = data.get(sub)
         if cur is None:
             cur = {}
@@ -78,7 +83,7 @@ def _fold_flat(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
             cur = to_dict(cur)
         elif not isinstance(cur, Mapping):
             raise ConfigError(f"{where}.{sub}: expected a mapping, got {type(cur).__name__}")
-        data[sub] = {**cur, k: data.pop(k)}
+        data[sub] = {**cur, name: data.pop(k)}
     return data
 
 

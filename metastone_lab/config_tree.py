@@ -27,9 +27,10 @@ be > 0``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from .config import check
+from .errors import ConfigError
 
 
 @dataclass
@@ -109,4 +110,34 @@ class TaskConfig:
 #: the sub-config classes, by the field name every config composes them under
 SUBCONFIGS = {"segmentation": StepsConfig, "sampling": SamplingConfig, "workload": TaskConfig}
 
-__all__ = ["StepsConfig", "SamplingConfig", "TaskConfig", "SUBCONFIGS"]
+
+def flat_params(params: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``params`` with nested sub-config entries written under their flat names:
+    ``{"sampling": {"temperature": 1.2}}`` and ``{"sampling.temperature": 1.2}`` both
+    become ``{"temperature": 1.2}`` (what notebook parameter cells declare and MLflow
+    params record). The runner applies it to a spec's parameters, grid and points.
+    A key that is not a field of its sub-config raises ConfigError naming the path."""
+    import dataclasses
+
+    out: dict[str, Any] = {}
+
+    def put(sub: str, name: str, value: Any) -> None:
+        names = [f.name for f in dataclasses.fields(SUBCONFIGS[sub])]
+        if name not in names:
+            raise ConfigError(f"{where}: {sub}.{name} is not a {SUBCONFIGS[sub].__name__} "
+                              f"field; its fields are {', '.join(names)}")
+        out[name] = value
+
+    for key, value in params.items():
+        head, _, tail = str(key).partition(".")
+        if head in SUBCONFIGS and tail:
+            put(head, tail, value)
+        elif key in SUBCONFIGS and isinstance(value, Mapping):
+            for name, v in value.items():
+                put(key, name, v)
+        else:
+            out[key] = value
+    return out
+
+
+__all__ = ["StepsConfig", "SamplingConfig", "TaskConfig", "SUBCONFIGS", "flat_params"]

@@ -258,3 +258,16 @@ def test_train_overrides_may_not_set_a_shared_sub_config():
         with pytest.raises(ConfigError, match="StudyConfig.train sets"):
             from_dict(StudyConfig, {"train": train})
     assert from_dict(StudyConfig, {"train": {"temperature": 1.0}}).train_config().temperature == 1.0
+
+
+def test_dotted_keys_load_and_the_runner_runs_nested_keys_under_flat_names():
+    from metastone_lab.config_tree import flat_params
+    from metastone_lab.study import StudyConfig
+
+    assert from_dict(StudyConfig, {"sampling.temperature": 1.2}).temperature == 1.2
+    assert flat_params({"sampling": {"temperature": 1.2}, "segmentation.segmenter": "fixed",
+                        "k_max": 4}, "spec") == {"temperature": 1.2, "segmenter": "fixed",
+                                                 "k_max": 4}
+    with pytest.raises(ConfigError, match=r"spec: sampling\.temprature is not a SamplingConfig "
+                                          r"field"):
+        flat_params({"sampling.temprature": 1.0}, "spec")
