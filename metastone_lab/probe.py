@@ -71,7 +71,8 @@ class ProbeConfig:
     trajectories (temperature, top_p, max_new_tokens, seed) and ``segmentation``
     (segmenter, segmenter_options, read_at; ``aggregator`` turns the probe's step
     probabilities into a trajectory score). The probe samples at the study's
-    ``top_p`` 1.0 (before the config tree it took GenerateConfig's 0.95).
+    ``top_p`` 1.0 (before the config tree it took GenerateConfig's 0.95; ``make ablations``
+    keeps 0.95, ``ablations.PROBE_SAMPLING``, so the reported probe figures reproduce).
     """
 
     n_train: int = 300
@@ -421,6 +422,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shots", type=int, default=0, help="worked train examples shown first")
     ap.add_argument("--temperature", type=float, default=SamplingConfig.temperature,
                     help="sampling temperature of the probed trajectories")
+    ap.add_argument("--top-p", type=float, default=SamplingConfig.top_p,
+                    help="nucleus sampling mass of the probed trajectories (1.0 = plain sampling; "
+                         "figures measured before the config tree used 0.95)")
     ap.add_argument("--read-at", default=StepsConfig.read_at,
                     choices=["before_step_token", "step_token"], help="where a step is read")
     ap.add_argument("--held-out-split", default="test", choices=["val", "test"],
@@ -441,6 +445,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     fmt = {} if (a.prompt_style, a.shots) == ("plain", 0) else \
         {"style": a.prompt_style, "shots": a.shots}
     cfg = ProbeConfig(n_train=a.n_train, n_test=a.n_test, k=a.k, temperature=a.temperature,
+                      top_p=a.top_p,
                       read_at=a.read_at, held_out_split=a.held_out_split,
                       max_new_tokens=a.max_new_tokens, seed=a.seed, prompt_format=fmt)
     run_and_log(a.backbone, cfg, task=a.task, tracking_uri=a.tracking_uri,
