@@ -160,6 +160,26 @@ def config_from_namespace(namespace: dict[str, Any], cls: type = None):
     return from_dict(cls, {k: namespace[k] for k in names if k in namespace})
 
 
+def setup_notebook(namespace: dict[str, Any], notebook: str, experiment: str):
+    """The setup cell of a study notebook: ``(cfg, tracker, output_dir)``.
+
+    ``cfg`` is :func:`config_from_namespace` of the notebook's globals, written to
+    ``output_dir`` (the runner's, or a fresh ``runs/interactive/...`` folder when the
+    notebook runs interactively); ``tracker`` is its MLflow run
+    (:func:`tracking.notebook_tracker`, experiment ``experiment`` unless the runner
+    injected a run), with ``cfg`` as params."""
+    from . import tracking
+
+    output_dir = namespace.get("output_dir")
+    if output_dir is None:
+        output_dir = str(tracking.interactive_output_dir(notebook))  # <repo>/runs/interactive/...
+    cfg = config_from_namespace({**namespace, "output_dir": output_dir})
+    tracker = tracking.notebook_tracker(namespace.get("mlflow_run_id"),
+                                        namespace.get("tracking_uri"), output_dir,
+                                        experiment=experiment, params=cfg, notebook=notebook)
+    return cfg, tracker, output_dir
+
+
 # ------------------------------------------------------------------ pipeline
 def backbone_config(cfg: StudyConfig):
     """The :class:`TinyBackboneConfig` of a tiny-family backbone with
