@@ -92,6 +92,7 @@ def composes(cls: type[T]) -> type[T]:
     becomes a property reading/writing the sub-config's field, and the constructor
     takes flat keywords too (``GenerateConfig(k=4, temperature=1.0)``)."""
     flat = flat_names(cls)
+    subs = sorted(set(flat.values()))
     hints = typing.get_type_hints(cls)
     init = cls.__init__
 
@@ -99,12 +100,15 @@ def composes(cls: type[T]) -> type[T]:
         moved: dict[str, dict[str, Any]] = {}
         for k in [k for k in kw if k in flat]:
             moved.setdefault(flat[k], {})[k] = kw.pop(k)
-        for sub, values in moved.items():
-            base = kw.get(sub)
+        for sub in subs:
+            base, values = kw.get(sub), moved.get(sub, {})
+            if base is None and not values:
+                continue
             if base is None:
                 base = hints[sub]()
             elif isinstance(base, Mapping):
                 base = from_dict(hints[sub], base, where=f"{cls.__name__}.{sub}")
+            # a copy: two configs never share one sub-config (a flat setter writes one)
             kw[sub] = dataclasses.replace(base, **values)
         init(self, *args, **kw)
 

@@ -213,7 +213,8 @@ class TrainConfig:
         from ``stored`` (a checkpoint's ``config``). A key missing from ``stored`` was
         written before the field existed and counts as its default."""
         defaults = to_dict(TrainConfig())
-        mine = self.result_fields()
+        # every result field, OMITTED_AT_DEFAULT ones too (a stored top_p 0.9 differs)
+        mine = {k: v for k, v in self.to_dict().items() if k not in BOOKKEEPING_FIELDS}
         out = {}
         for k, v in mine.items():
             if k in ignore:
