@@ -96,7 +96,7 @@ class StudyConfig:
         check(isinstance(self.train, dict), "StudyConfig.train must be a mapping of "
                                             "TrainConfig overrides")
         # what is evaluated must be what was trained: these are set once, at the top level
-        shared = [k for k in SHARED_WITH_TRAINING if k in self.train]
+        shared = [k for k in self.train if str(k).partition(".")[0] in SHARED_WITH_TRAINING]
         if shared:
             raise ConfigError(
                 f"StudyConfig.train sets {shared}: the study evaluates with its own "

@@ -254,7 +254,7 @@ def test_train_overrides_may_not_set_a_shared_sub_config():
     from metastone_lab.study import StudyConfig
 
     for train in ({"segmenter": "fixed"}, {"segmentation": {"segmenter": "fixed"}},
-                  {"workload": {"task": "expr"}}):
+                  {"workload": {"task": "expr"}}, {"segmentation.read_at": "step_token"}):
         with pytest.raises(ConfigError, match="StudyConfig.train sets"):
             from_dict(StudyConfig, {"train": train})
     assert from_dict(StudyConfig, {"train": {"temperature": 1.0}}).train_config().temperature == 1.0
