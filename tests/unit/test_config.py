@@ -271,3 +271,14 @@ def test_dotted_keys_load_and_the_runner_runs_nested_keys_under_flat_names():
     with pytest.raises(ConfigError, match=r"spec: sampling\.temprature is not a SamplingConfig "
                                           r"field"):
         flat_params({"sampling.temprature": 1.0}, "spec")
+
+
+def test_a_spec_runs_nested_sub_config_keys_under_their_flat_names():
+    from metastone_lab.runner.spec import Spec
+
+    spec = Spec(name="s", notebook="nb.ipynb", parameters={"sampling": {"temperature": 1.2}},
+                grid={"segmentation.segmenter": ["reference", "paragraph"]},
+                points=[{"workload": {"task": "expr"}}])
+    assert spec.parameters == {"temperature": 1.2}
+    assert spec.grid == {"segmenter": ["reference", "paragraph"]}
+    assert spec.points == [{"task": "expr"}]
