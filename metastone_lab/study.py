@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import check, composes, field_names, from_dict, subconfig, to_dict
-from .config_tree import SamplingConfig, StepsConfig, TaskConfig
+from .config_tree import FilterConfig, SamplingConfig, StepsConfig, TaskConfig
 from .errors import ConfigError
 from .held_out import Evaluation, table_value  # noqa: F401  (re-exported)
 from .summary import (CURVE_SERIES, SUMMARY_KEYS, ablation_summary, param_counts,  # noqa: F401
@@ -48,22 +48,17 @@ class StudyConfig:
     The shared knobs live in the composed sub-configs (:mod:`metastone_lab.config_tree`;
     flat names work everywhere): ``workload`` (backbone, task, task_options,
     prompt_format), ``sampling`` (temperature, top_p, max_new_tokens, seed) and
-    ``segmentation`` (segmenter, segmenter_options, read_at, aggregator). Training and
-    evaluation get the same ``workload`` and ``segmentation``, and ``sampling``
-    unless ``train`` overrides a sampling key.
+    ``segmentation`` (segmenter, segmenter_options, read_at, aggregator); ``spr_filter``
+    (filter_warmup_steps) goes to training. Training and evaluation get the same
+    ``workload`` and ``segmentation``, and ``sampling`` unless ``train`` overrides a
+    sampling key.
     """
 
     workload: TaskConfig = subconfig(TaskConfig)
     #: a registered training mode that trains the scoring head (training.modes.MODES), or "none"
     train_mode: str = "head_only"
     train_steps: int = 40
-    # Named deviation from the reference (0 = reference): the head's first steps are
-    # trained without the pseudo-label filter. Measured on the tiny default
-    # (head_only, 60 steps, 64 test problems x 4 samples): with the reference
-    # filter from step 1 the head collapses to scoring every step 1.0 and held-out
-    # AUROC falls from 0.63 to 0.44; with 20 warm-up steps it reaches 0.84. The
-    # quickstart, train_reflective and test_time_scaling notebooks default to 20.
-    filter_warmup_steps: int = 0
+    spr_filter: FilterConfig = subconfig(FilterConfig)
     train: dict = field(default_factory=dict)
     k_max: int = 32
     n_test: int = 200
@@ -88,6 +83,7 @@ class StudyConfig:
         check(self.train_steps >= 0, f"StudyConfig.train_steps must be >= 0, got {self.train_steps}")
         self.sampling.check("StudyConfig")
         self.workload.check("StudyConfig")
+        self.spr_filter.check("StudyConfig")
         if self.train_mode != "none":  # the study evaluates the head the mode trains
             from .training.modes import get_head_mode
 
@@ -111,7 +107,7 @@ class StudyConfig:
         base = dict(mode=self.train_mode if self.train_mode != "none" else "head_only",
                     workload=to_dict(self.workload), sampling=to_dict(self.sampling),
                     segmentation=to_dict(self.segmentation),
-                    steps=self.train_steps, filter_warmup_steps=self.filter_warmup_steps,
+                    steps=self.train_steps, spr_filter=to_dict(self.spr_filter),
                     output_dir=str(Path(self.output_dir) / "train"),
                     # a re-run (e.g. a sweep point retried after a crash) continues the last
                     # complete checkpoint of ITS config only: the directory is keyed by the

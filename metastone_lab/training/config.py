@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
 from ..config import check, composes, subconfig, to_dict
-from ..config_tree import SamplingConfig, StepsConfig, TaskConfig
+from ..config_tree import FilterConfig, SamplingConfig, StepsConfig, TaskConfig
 from .modes import MODES, TrainingMode, get_mode  # noqa: F401 - MODES: the mode registry
 
 #: TrainConfig fields that do NOT change what a run produces (its weights, its logged
@@ -60,8 +60,8 @@ class TrainConfig:
     composed sub-configs (:mod:`metastone_lab.config_tree`; flat names work everywhere):
     ``workload`` (backbone, task, task_options, prompt_format), ``sampling`` of the
     rollouts (temperature, top_p, max_new_tokens, seed: the run's seed) and
-    ``segmentation`` (segmenter, segmenter_options, read_at, aggregator). ``steps`` is
-    the number of training steps.
+    ``segmentation`` (segmenter, segmenter_options, read_at, aggregator) and
+    ``spr_filter`` (filter_warmup_steps). ``steps`` is the number of training steps.
     """
 
     mode: str = "joint"
@@ -85,11 +85,7 @@ class TrainConfig:
     kl_coef: float = 1e-3
     # SPRM head / loss
     loss: str = "spr"
-    # Deviation from the reference (0 = reference): the first N steps train the head
-    # without the pseudo-label filter. From a cold head the filter can lock in a
-    # constant prediction (every step scored 1 once all logits are > 0, because the
-    # y=0 steps it would learn from are exactly the ones it filters out).
-    filter_warmup_steps: int = 0
+    spr_filter: FilterConfig = subconfig(FilterConfig)   # filter_warmup_steps
     feature_layer: int = -2
     grad_scale: float = 1e-4
     head_width_mult: float = 2.0
@@ -148,8 +144,7 @@ class TrainConfig:
                                          f"{self.grad_scale}")
         check(self.head_width_mult > 0, "TrainConfig.head_width_mult must be > 0")
         check(0 <= self.head_dropout < 1, "TrainConfig.head_dropout must be in [0, 1)")
-        check(self.filter_warmup_steps >= 0, "TrainConfig.filter_warmup_steps must be >= 0 "
-                                             "(0 = the reference: filter from the first step)")
+        self.spr_filter.check("TrainConfig")
         for k in ("eval_every", "eval_val_problems", "eval_test_problems", "checkpoint_every",
                   "keep_checkpoints", "sft_batch_size"):
             check(getattr(self, k) >= 0, f"TrainConfig.{k} must be >= 0, got {getattr(self, k)}")
