@@ -47,6 +47,9 @@ from . import cli_help
 
 #: the probe at micro scale (what the tests execute)
 MICRO_PROBE = {"n_train": 6, "n_test": 4, "k": 4, "max_new_tokens": 40}
+#: the probe of the reported figures samples at top_p 0.95 (GenerateConfig's default when
+#: they were measured; SamplingConfig's default is the study's 1.0): kept so they reproduce
+PROBE_SAMPLING = {"top_p": 0.95}
 
 MICRO_TRAIN = {"prompts_per_step": 2, "n": 4, "eval_every": 1, "eval_val_problems": 4,
                "eval_test_problems": 4, "eval_samples": 2}
@@ -189,10 +192,11 @@ def _run_probe(micro: bool, tracking_uri: str, log) -> int:
 
     try:
         if micro:
-            probe.run_and_log("micro", probe.ProbeConfig(**MICRO_PROBE),
+            probe.run_and_log("micro", probe.ProbeConfig(**MICRO_PROBE, **PROBE_SAMPLING),
                               tracking_uri=tracking_uri, log=lambda s: None)
         else:
-            probe.run_and_log("tiny", probe.ProbeConfig(), tracking_uri=tracking_uri, log=log)
+            probe.run_and_log("tiny", probe.ProbeConfig(**PROBE_SAMPLING), tracking_uri=tracking_uri,
+                              log=log)
         return 0
     except Exception as e:  # noqa: BLE001 - one failed step must not lose the others
         log(f"[ablations] probe FAILED: {type(e).__name__}: {e}")

@@ -6,6 +6,14 @@ rejecting unknown keys and wrong types with a message that names the key, the
 valid choices and the fix. Range checks live in each dataclass's
 ``__post_init__`` and raise :class:`ConfigError` through :func:`check`.
 
+A config may *compose* shared sub-configs (:mod:`metastone_lab.config_tree`): a field
+declared with :func:`subconfig` holds a dataclass whose fields are also the parent's
+flat names (``StudyConfig.temperature`` is ``StudyConfig.sampling.temperature``).
+``from_dict`` accepts either form (``{"temperature": 1.2}`` or ``{"sampling":
+{"temperature": 1.2}}``), ``to_dict`` writes the flat form (what MLflow params,
+checkpoints and cache keys have always held) and :func:`flat_names` is the one mapping
+from a flat name to its sub-config field, derived from the dataclasses.
+
 >>> from dataclasses import dataclass
 >>> @dataclass
 ... class Demo:
@@ -25,6 +33,100 @@ from typing import Any, Literal, Mapping, TypeVar, Union, get_args, get_origin
 from .errors import ConfigError
 
 T = TypeVar("T")
+
+
+#: dataclass field metadata key marking a composed sub-config (see :func:`subconfig`)
+FLAT = "metastone_lab.flat"
+
+
+def subconfig(cls: type) -> Any:
+    """A dataclass field holding sub-config ``cls`` (default ``cls()``), whose fields
+    are also the parent's flat names; decorate the parent with :func:`composes`."""
+    return dataclasses.field(default_factory=cls, metadata={FLAT: True})
+
+
+def flat_names(cls: type) -> dict[str, str]:
+    """``{flat name: sub-config field}`` of a dataclass that composes sub-configs,
+    e.g. ``{"temperature": "sampling", ...}``; ``{}`` for a plain dataclass."""
+    out: dict[str, str] = {}
+    if not dataclasses.is_dataclass(cls):
+        return out
+    hints = None
+    for f in dataclasses.fields(cls):
+        if f.metadata.get(FLAT):
+            hints = hints or typing.get_type_hints(cls)
+            out.update({g.name: f.name for g in dataclasses.fields(hints[f.name])})
+    return out
+
+
+def field_names(cls: type) -> set[str]:
+    """Every name ``from_dict(cls, ...)`` accepts at the top level: the fields and
+    the flat names of the composed sub-configs."""
+    return {f.name for f in dataclasses.fields(cls) if f.init} | set(flat_names(cls))
+
+
+def _fold_flat(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Move flat keys (``temperature``) and dotted keys (``sampling.temperature``) of
+    ``data`` into their sub-config's mapping (they win over the same key in a nested
+    mapping given beside them)."""
+    flat = flat_names(cls)
+    subs = set(flat.values())
+    for k in [k for k in data
+              if k in flat or ("." in str(k) and str(k).partition(".")[0] in subs)]:
+        sub, _, name = str(k).partition(".")
+        if k in flat:
+            sub, name = flat[k], k
+        cur = data.get(sub)
+        if cur is None:
+            cur = {}
+        elif dataclasses.is_dataclass(cur):
+            cur = to_dict(cur)
+        elif not isinstance(cur, Mapping):
+            raise ConfigError(f"{where}.{sub}: expected a mapping, got {type(cur).__name__}")
+        data[sub] = {**cur, name: data.pop(k)}
+    return data
+
+
+def composes(cls: type[T]) -> type[T]:
+    """Class decorator for a dataclass with :func:`subconfig` fields: each flat name
+    becomes a property reading/writing the sub-config's field, and the constructor
+    takes flat keywords too (``GenerateConfig(k=4, temperature=1.0)``)."""
+    flat = flat_names(cls)
+    subs = sorted(set(flat.values()))
+    hints = typing.get_type_hints(cls)
+    init = cls.__init__
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        moved: dict[str, dict[str, Any]] = {}
+        for k in [k for k in kw if k in flat]:
+            moved.setdefault(flat[k], {})[k] = kw.pop(k)
+        for sub in subs:
+            base, values = kw.get(sub), moved.get(sub, {})
+            if base is None and not values:
+                continue
+            if base is None:
+                base = hints[sub]()
+            elif isinstance(base, Mapping):
+                base = from_dict(hints[sub], base, where=f"{cls.__name__}.{sub}")
+            # a copy: two configs never share one sub-config (a flat setter writes one)
+            kw[sub] = dataclasses.replace(base, **values)
+        init(self, *args, **kw)
+
+    def alias(name: str, sub: str) -> property:
+        def get(self: Any) -> Any:
+            return getattr(getattr(self, sub), name)
+
+        def put(self: Any, value: Any) -> None:
+            setattr(getattr(self, sub), name, value)
+
+        return property(get, put, doc=f"``{sub}.{name}`` (declared in "
+                                      f"{hints[sub].__name__})")
+
+    __init__.__wrapped__ = init  # type: ignore[attr-defined]
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    for name, sub in flat.items():
+        setattr(cls, name, alias(name, sub))
+    return cls
 
 
 def check(condition: bool, message: str) -> None:
@@ -130,16 +232,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str | None = None) -> T:
     """Build dataclass ``cls`` from ``data``, validating keys and types.
 
-    Nested dataclass fields accept nested mappings. Unknown keys raise
-    ConfigError listing the valid keys (with a close-match suggestion).
+    Nested dataclass fields accept nested mappings (errors name the dotted path,
+    ``StudyConfig.sampling.temperature``); the flat names of composed sub-configs
+    are accepted at the top level. Unknown keys raise ConfigError listing the valid
+    keys (with a close-match suggestion).
     """
     where = where or cls.__name__
-    data = dict(data or {})
+    data = _fold_flat(cls, dict(data or {}), where)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        valid = sorted(fields)
+        valid = sorted(field_names(cls))
         k = unknown[0]
         raise ConfigError(
             f"{where}: unknown key {k!r}.{_suggest(k, valid)} "
@@ -149,12 +253,21 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str | None = 
     return cls(**kwargs)
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """A dataclass as a plain nested dict (Paths become strings)."""
+def to_dict(cfg: Any, nested: bool = False) -> dict[str, Any]:
+    """A dataclass as a plain nested dict (Paths become strings). Composed
+    sub-configs (:func:`subconfig`) are written flat, under their fields' names,
+    unless ``nested``."""
 
     def conv(v: Any) -> Any:
         if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            out: dict[str, Any] = {}
+            for f in dataclasses.fields(v):
+                x = conv(getattr(v, f.name))
+                if f.metadata.get(FLAT) and not nested:
+                    out.update(x)
+                else:
+                    out[f.name] = x
+            return out
         if isinstance(v, Path):
             return str(v)
         if isinstance(v, (list, tuple)):

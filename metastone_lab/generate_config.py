@@ -4,20 +4,29 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from .config import check, from_dict
+from .config import check, composes, from_dict, subconfig
+from .config_tree import SamplingConfig, StepsConfig
 
 DEFAULT_EFFORT_MAP = {"low": 2, "medium": 8, "high": 32}
 
 
+@composes
 @dataclass
 class GenerateConfig:
     """Best-of-N sampling and in-flight scoring.
 
     ``k`` samples per problem (or ``effort`` in ``effort_map``: low/medium/high =
     2/8/32 by default; giving both with different values is an error).
-    ``temperature == 0`` is greedy (all k samples identical: warned when k > 1); < 0 is an error.
-    ``chunk_size`` rows are decoded at once (0 = all k). ``segmenter`` /
-    ``segmenter_options`` / ``read_at`` / ``span`` go to ``steps.step_mask``.
+    ``sampling`` (:class:`~metastone_lab.config_tree.SamplingConfig`: temperature,
+    top_p, max_new_tokens, seed; flat names work) and ``segmentation``
+    (:class:`~metastone_lab.config_tree.StepsConfig`: segmenter, segmenter_options,
+    read_at, aggregator) are the sub-configs the study and trainer pass in. Their
+    defaults are the study's (temperature 0.8, top_p 1.0, max_new_tokens 64); before
+    the config tree GenerateConfig had its own (0.6, 0.95, 256): set those explicitly
+    for the old behaviour. ``temperature == 0`` is greedy (all k samples identical:
+    warned when k > 1); < 0 is an error.
+    ``chunk_size`` rows are decoded at once (0 = all k). ``segmentation`` and
+    ``span`` go to ``steps.step_mask``.
     ``aggregators``: trajectory scores to compute (None = all of
     ``scoring.AGGREGATORS``). ``score``: False disables in-flight scoring
     (benchmark baseline). ``ignore_eos``: always decode ``max_new_tokens``
@@ -38,16 +47,11 @@ class GenerateConfig:
     """
 
     k: int | None = None
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_new_tokens: int = 256
+    sampling: SamplingConfig = subconfig(SamplingConfig)
     chunk_size: int = 32
-    segmenter: str = "reference"
-    segmenter_options: dict = field(default_factory=dict)
-    read_at: str = "before_step_token"
+    segmentation: StepsConfig = subconfig(StepsConfig)
     span: str = "inference"
     aggregators: list[str] | None = None
-    seed: int = 0
     effort: str | None = None
     effort_map: dict = field(default_factory=lambda: dict(DEFAULT_EFFORT_MAP))
     score: bool = True
@@ -73,12 +77,7 @@ class GenerateConfig:
         if self.k is None:
             self.k = 8
         check(self.k >= 1, f"GenerateConfig.k must be >= 1, got {self.k}; use k=1 for a single sample")
-        check(self.max_new_tokens >= 1,
-              f"GenerateConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        check(0.0 < self.top_p <= 1.0, f"GenerateConfig.top_p must be in (0, 1], got {self.top_p}")
-        check(self.temperature >= 0,
-              f"GenerateConfig.temperature must be >= 0, got {self.temperature}; use "
-              f"temperature=0 for greedy decoding or > 0 (e.g. 0.6) for sampling")
+        self.sampling.check("GenerateConfig", greedy_ok=True)
         check(self.chunk_size >= 0,
               f"GenerateConfig.chunk_size must be >= 0 (0 = all k at once), got {self.chunk_size}")
         check(self.head_mode in ("auto", "per_step", "deferred"),
@@ -89,14 +88,11 @@ class GenerateConfig:
               f"GenerateConfig.deepconf_window must be >= 1, got {self.deepconf_window}")
         check(self.span in ("inference", "train"),
               f"GenerateConfig.span must be 'inference' or 'train', got {self.span!r}")
-        from .steps import check_options
-
-        check_options(self.segmenter, self.segmenter_options, read_at=self.read_at,
-                      span=self.span, where="GenerateConfig.segmenter_options")
+        self.segmentation.check("GenerateConfig", span=self.span)
         if self.temperature <= 0 and self.k > 1:
             warnings.warn(
                 f"GenerateConfig: temperature={self.temperature} <= 0 is greedy decoding, so all "
-                f"k={self.k} samples are identical; set temperature > 0 (e.g. 0.6) for best-of-N",
+                f"k={self.k} samples are identical; set temperature > 0 (e.g. 0.8) for best-of-N",
                 UserWarning, stacklevel=3,
             )
 

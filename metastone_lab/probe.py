@@ -36,15 +36,18 @@ MLflow experiment ``probe``; ``make ablations`` runs it and the report shows it.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
 
 from . import cli_help
-from .config import check
+from .config import check, composes, subconfig
+from .config_tree import SamplingConfig, StepsConfig, TaskConfig
 from .errors import ConfigError
 
 #: MLflow experiment the probe logs to (read by the report)
@@ -55,48 +58,47 @@ COLUMNS = ["feature", "labels", "step_auroc", "traj_auroc", "within_auroc", "wit
 _NAN_METRICS = {c: float("nan") for c in COLUMNS[2:-1]}
 
 
+@composes
 @dataclass
 class ProbeConfig:
     """What to sample and how to fit the probes.
 
     ``layers``: indices into the backbone's ``hidden_states`` (0 = embeddings,
     -1 = last); empty = every layer. ``l2``: ridge penalty of the logistic
-    regression (on standardised features).
+    regression (on standardised features). The shared knobs live in the composed
+    sub-configs (:mod:`metastone_lab.config_tree`; flat names work): ``workload``
+    (backbone, task, task_options, prompt_format), ``sampling`` of the probed
+    trajectories (temperature, top_p, max_new_tokens, seed) and ``segmentation``
+    (segmenter, segmenter_options, read_at; ``aggregator`` turns the probe's step
+    probabilities into a trajectory score). The probe samples at the study's
+    ``top_p`` 1.0 (before the config tree it took GenerateConfig's 0.95; ``make ablations``
+    keeps 0.95, ``ablations.PROBE_SAMPLING``, so the reported probe figures reproduce).
     """
 
     n_train: int = 300
     n_test: int = 100
     k: int = 8
-    temperature: float = 0.8
-    max_new_tokens: int = 64
-    segmenter: str = "reference"
-    read_at: Literal["before_step_token", "step_token"] = "before_step_token"
+    workload: TaskConfig = subconfig(TaskConfig)
+    sampling: SamplingConfig = subconfig(SamplingConfig)
+    segmentation: StepsConfig = subconfig(StepsConfig)
     layers: tuple = ()
     l2: float = 1e-3
     max_iter: int = 200
-    seed: int = 0
     #: hidden layer that the ``<layer>+confidence`` rows concatenate with the
     #: policy-confidence features (the SPRM head's feature layer)
     feature_layer: int = -2
     #: held-out problems the probes are scored on: "val" to screen candidates (the
     #: test split is touched once, at the end), "test" for the reported figure
     held_out_split: Literal["val", "test"] = "test"
-    #: how problems are shown (tasks.prompts.PromptFormat keys; {} = the task's prompt),
-    #: e.g. {"style": "chat", "shots": 2} for SmolLM2
-    prompt_format: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from .tasks.prompts import parse_prompt_format
-
-        parse_prompt_format(self.prompt_format, where="ProbeConfig.prompt_format")
-        from .steps import check_options
-
-        check_options(self.segmenter, {}, read_at=self.read_at, where="ProbeConfig")
+        self.workload.check("ProbeConfig")
+        self.segmentation.check("ProbeConfig")
+        self.sampling.check("ProbeConfig")
         check(self.n_train >= 1, f"ProbeConfig.n_train must be >= 1, got {self.n_train}")
         check(self.n_test >= 1, f"ProbeConfig.n_test must be >= 1, got {self.n_test}")
         check(self.k >= 2, f"ProbeConfig.k must be >= 2 (within-problem ranking needs "
                            f"several samples per problem), got {self.k}")
-        check(self.temperature > 0, f"ProbeConfig.temperature must be > 0, got {self.temperature}")
         check(self.l2 >= 0, f"ProbeConfig.l2 must be >= 0, got {self.l2}")
         self.layers = tuple(int(v) for v in self.layers)
 
@@ -153,9 +155,9 @@ def collect(model, tokenizer, task, split: str, n: int, cfg: ProbeConfig,
 
     rm = model if hasattr(model, "head_logits_from_hidden") else ReflectiveModel(model)
     backbone = rm.backbone
-    gcfg = GenerateConfig(k=cfg.k, temperature=cfg.temperature,
-                          max_new_tokens=cfg.max_new_tokens, segmenter=cfg.segmenter,
-                          read_at=cfg.read_at, seed=cfg.seed + seed_offset)
+    gcfg = GenerateConfig(k=cfg.k, sampling=dataclasses.replace(cfg.sampling,
+                                                                seed=cfg.seed + seed_offset),
+                          segmentation=copy.deepcopy(cfg.segmentation))
     samples = generate_best_of_n(rm, tokenizer, task.problems(split, n), task, gcfg)
     feats: list[list[torch.Tensor]] = []
     step_label, outcome, traj_of_step = [], [], []
@@ -235,15 +237,17 @@ def step_confidence(logp: torch.Tensor, ent: torch.Tensor, ids: torch.Tensor, st
     return [float(lp.min()), float(lp.mean()), float(lp[-1]), float(e.mean()), float(e.max())]
 
 
-def _trajectory_scores(step_p: np.ndarray, r: _Rollouts) -> np.ndarray:
-    """Per trajectory (T,): the reference ``geometric`` aggregate of its step
-    probabilities (:func:`scoring.aggregate_scores`; zero-step rows score 0)."""
+def _trajectory_scores(step_p: np.ndarray, r: _Rollouts, aggregator: str = "geometric"
+                       ) -> np.ndarray:
+    """Per trajectory (T,): the ``aggregator`` aggregate of its step probabilities
+    (``ProbeConfig.aggregator``, default the reference ``geometric``;
+    :func:`scoring.aggregate_scores`; zero-step rows score 0)."""
     from .scoring import aggregate_scores
 
     per_traj: list[list[float]] = [[] for _ in r.traj_correct]
     for ti, p in zip(r.traj_of_step, step_p):
         per_traj[ti].append(float(p))
-    return np.asarray([aggregate_scores(ps, "geometric") for ps in per_traj])
+    return np.asarray([aggregate_scores(ps, aggregator) for ps in per_traj])
 
 
 def _row(feature: str, labels: str, traj_scores: np.ndarray, te: _Rollouts,
@@ -315,7 +319,7 @@ def run_probe(model, tokenizer, task, cfg: ProbeConfig | None = None):
                 continue
             predict = fit_logistic(tr.features[v], torch.as_tensor(y), cfg.l2, cfg.max_iter)
             p = predict(te.features[v]).numpy()
-            rows.append(_row(layer_name(v, n_states), kind, _trajectory_scores(p, te), te, p))
+            rows.append(_row(layer_name(v, n_states), kind, _trajectory_scores(p, te, cfg.aggregator), te, p))
     # the policy's own confidence at each step, alone and beside the feature layer
     fl = layer_name(cfg.feature_layer, n_states)
     extra = [("confidence", tr.confidence, te.confidence),
@@ -327,7 +331,7 @@ def run_probe(model, tokenizer, task, cfg: ProbeConfig | None = None):
                 continue
             predict = fit_logistic(xtr, torch.as_tensor(y), cfg.l2, cfg.max_iter)
             p = predict(xte).numpy()
-            rows.append(_row(name, kind, _trajectory_scores(p, te), te, p))
+            rows.append(_row(name, kind, _trajectory_scores(p, te, cfg.aggregator), te, p))
     rows.append(_row("policy_logprob", "none", te.traj_logprob, te, None))
     frame = pd.DataFrame(rows, columns=COLUMNS)
     groups = {}
@@ -367,32 +371,35 @@ def metrics_of(frame) -> dict[str, float]:
     return out
 
 
-def run_and_log(backbone: str = "tiny", cfg: ProbeConfig | None = None, *,
-                task: str = "arith", tracking_uri: str | None = None,
+def run_and_log(backbone: str | None = None, cfg: ProbeConfig | None = None, *,
+                task: str | None = None, tracking_uri: str | None = None,
                 backbone_options: dict | None = None, task_options: dict | None = None,
                 log=print):
     """Build/load ``backbone``, run the probe, log it to the MLflow experiment
-    ``probe`` (params, flat metrics, the table as ``probe.json``). Returns the frame."""
+    ``probe`` (params, flat metrics, the table as ``probe.json``). Returns the frame.
+    ``backbone`` / ``task`` / ``task_options``, when given, replace ``cfg``'s."""
     from . import tracking
     from .config import from_dict, to_dict
     from .study import StudyConfig, prepare_backbone
     from .tasks import get_task
     from .tasks.prompts import apply_prompt_format
 
-    cfg = cfg or ProbeConfig()
+    cfg = copy.deepcopy(cfg or ProbeConfig())
+    for name, value in (("backbone", backbone), ("task", task), ("task_options", task_options)):
+        if value is not None:
+            setattr(cfg, name, value)
+    cfg.workload.check("ProbeConfig")
     model, tok = prepare_backbone(from_dict(StudyConfig, {
-        "backbone": backbone, "backbone_options": dict(backbone_options or {})}))
+        "backbone": cfg.backbone, "backbone_options": dict(backbone_options or {})}))
     torch.manual_seed(cfg.seed)
-    the_task = get_task(task, **dict(task_options or {}))
+    the_task = get_task(cfg.task, **dict(cfg.task_options))
     frame = run_probe(model, tok, apply_prompt_format(the_task, tok, cfg.prompt_format), cfg)
     log(frame.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     log("  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                   for k, v in frame.attrs.items()))
     t = tracking.Tracker(tracking_uri)
-    with t.run(PROBE_EXPERIMENT, run_name=f"probe-{backbone}",
-               params={"backbone": backbone, "task": task,
-                       "backbone_options": dict(backbone_options or {}),
-                       "task_options": dict(task_options or {}), **to_dict(cfg)}):
+    with t.run(PROBE_EXPERIMENT, run_name=f"probe-{cfg.backbone}",
+               params={"backbone_options": dict(backbone_options or {}), **to_dict(cfg)}):
         t.log_metrics(metrics_of(frame), step=0)
         t.log_table(frame, "probe.json")
     return frame
@@ -400,22 +407,25 @@ def run_and_log(backbone: str = "tiny", cfg: ProbeConfig | None = None, *,
 
 def cli_main(argv: list[str] | None = None) -> int:
     ap = cli_help.parser("metastone-lab probe", cli_help.first_paragraph(__doc__))
-    ap.add_argument("--backbone", default="tiny", help="tiny | micro | smollm2 | an HF id/path")
-    ap.add_argument("--task", default="arith", help="task name (metastone_lab.tasks)")
+    ap.add_argument("--backbone", default=TaskConfig.backbone, help="tiny | micro | smollm2 | an HF id/path")
+    ap.add_argument("--task", default=TaskConfig.task, help="task name (metastone_lab.tasks)")
     ap.add_argument("--n-train", type=int, default=ProbeConfig.n_train,
                     help="train problems the probes are fitted on")
     ap.add_argument("--n-test", type=int, default=ProbeConfig.n_test,
                     help="held-out problems the probes are scored on")
     ap.add_argument("--k", type=int, default=ProbeConfig.k, help="samples per problem")
-    ap.add_argument("--max-new-tokens", type=int, default=ProbeConfig.max_new_tokens,
+    ap.add_argument("--max-new-tokens", type=int, default=SamplingConfig.max_new_tokens,
                     help="tokens per sample at most")
-    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--seed", type=int, default=SamplingConfig.seed, help="sampling seed")
     ap.add_argument("--prompt-style", default="plain",
                     help="plain | chat (the tokenizer's chat template; for instruction models)")
     ap.add_argument("--shots", type=int, default=0, help="worked train examples shown first")
-    ap.add_argument("--temperature", type=float, default=ProbeConfig.temperature,
+    ap.add_argument("--temperature", type=float, default=SamplingConfig.temperature,
                     help="sampling temperature of the probed trajectories")
-    ap.add_argument("--read-at", default=ProbeConfig.read_at,
+    ap.add_argument("--top-p", type=float, default=SamplingConfig.top_p,
+                    help="nucleus sampling mass of the probed trajectories (1.0 = plain sampling; "
+                         "figures measured before the config tree used 0.95)")
+    ap.add_argument("--read-at", default=StepsConfig.read_at,
                     choices=["before_step_token", "step_token"], help="where a step is read")
     ap.add_argument("--held-out-split", default="test", choices=["val", "test"],
                     help="problems the probes are scored on: val to screen, test to report")
@@ -435,6 +445,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     fmt = {} if (a.prompt_style, a.shots) == ("plain", 0) else \
         {"style": a.prompt_style, "shots": a.shots}
     cfg = ProbeConfig(n_train=a.n_train, n_test=a.n_test, k=a.k, temperature=a.temperature,
+                      top_p=a.top_p,
                       read_at=a.read_at, held_out_split=a.held_out_split,
                       max_new_tokens=a.max_new_tokens, seed=a.seed, prompt_format=fmt)
     run_and_log(a.backbone, cfg, task=a.task, tracking_uri=a.tracking_uri,

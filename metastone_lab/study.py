@@ -11,22 +11,29 @@ all logic lives here, where it is tested.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import check, from_dict
+from .config import check, composes, field_names, from_dict, subconfig, to_dict
+from .config_tree import FilterConfig, SamplingConfig, StepsConfig, TaskConfig
 from .errors import ConfigError
 from .held_out import Evaluation, table_value  # noqa: F401  (re-exported)
 from .summary import (CURVE_SERIES, SUMMARY_KEYS, ablation_summary, param_counts,  # noqa: F401
                       summarize, summary_frame, within_problem_auroc)
 
-#: StudyConfig fields that training and evaluation must share (never set in ``train:``)
-SHARED_WITH_TRAINING = ("segmenter", "segmenter_options", "read_at", "backbone", "task",
-                        "task_options", "prompt_format", "aggregator")
+#: StudyConfig names that training and evaluation must share (never set in ``train:``):
+#: the ``segmentation`` and ``workload`` sub-configs and their flat names. Derived from
+#: the sub-config dataclasses; ``sampling`` may differ for training (``train:
+#: {temperature: 1.0}`` samples the rollouts hotter than the evaluation).
+SHARED_WITH_TRAINING = tuple(
+    ["segmentation", "workload"]
+    + [f.name for f in dataclasses.fields(StepsConfig) + dataclasses.fields(TaskConfig)])
 
 
+@composes
 @dataclass
 class StudyConfig:
     """One study run: which backbone, how to train the head, how to evaluate.
@@ -37,37 +44,28 @@ class StudyConfig:
     ``k_max`` samples per held-out test problem; accuracy at every k <= k_max
     comes from that one run (reference grouping). The step-error threshold is
     chosen on ``n_val`` validation problems, never on test.
+
+    The shared knobs live in the composed sub-configs (:mod:`metastone_lab.config_tree`;
+    flat names work everywhere): ``workload`` (backbone, task, task_options,
+    prompt_format), ``sampling`` (temperature, top_p, max_new_tokens, seed) and
+    ``segmentation`` (segmenter, segmenter_options, read_at, aggregator); ``spr_filter``
+    (filter_warmup_steps) goes to training. Training and evaluation get the same
+    ``workload`` and ``segmentation``, and ``sampling`` unless ``train`` overrides a
+    sampling key.
     """
 
-    backbone: str = "tiny"
-    task: str = "arith"
-    task_options: dict = field(default_factory=dict)
-    #: how problems are shown to the backbone (tasks.prompts.PromptFormat keys):
-    #: {} = the task's own prompt; {style: chat, shots: 2} for an instruction model
-    prompt_format: dict = field(default_factory=dict)
+    workload: TaskConfig = subconfig(TaskConfig)
     #: a registered training mode that trains the scoring head (training.modes.MODES), or "none"
     train_mode: str = "head_only"
     train_steps: int = 40
-    # Named deviation from the reference (0 = reference): the head's first steps are
-    # trained without the pseudo-label filter. Measured on the tiny default
-    # (head_only, 60 steps, 64 test problems x 4 samples): with the reference
-    # filter from step 1 the head collapses to scoring every step 1.0 and held-out
-    # AUROC falls from 0.63 to 0.44; with 20 warm-up steps it reaches 0.84. The
-    # quickstart, train_reflective and test_time_scaling notebooks default to 20.
-    filter_warmup_steps: int = 0
+    spr_filter: FilterConfig = subconfig(FilterConfig)
     train: dict = field(default_factory=dict)
     k_max: int = 32
     n_test: int = 200
     n_val: int = 64
     val_k: int = 8
-    temperature: float = 0.8
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    segmenter: str = "reference"
-    segmenter_options: dict = field(default_factory=dict)
-    read_at: Literal["before_step_token", "step_token"] = "before_step_token"
-    aggregator: str = "geometric"
-    seed: int = 0
+    sampling: SamplingConfig = subconfig(SamplingConfig)
+    segmentation: StepsConfig = subconfig(StepsConfig)
     output_dir: str = "runs/study"
     #: held-out split evaluated by :func:`evaluate_tts` ("test", or "ood" for transfer)
     eval_split: Literal["test", "ood", "val"] = "test"
@@ -83,25 +81,18 @@ class StudyConfig:
         check(self.n_val >= 0, f"StudyConfig.n_val must be >= 0, got {self.n_val}")
         check(self.val_k >= 1, f"StudyConfig.val_k must be >= 1, got {self.val_k}")
         check(self.train_steps >= 0, f"StudyConfig.train_steps must be >= 0, got {self.train_steps}")
-        check(self.temperature > 0, f"StudyConfig.temperature must be > 0 for best-of-N sampling, "
-                                    f"got {self.temperature}")
-        check(self.max_new_tokens >= 1, "StudyConfig.max_new_tokens must be >= 1")
-        from . import scoring, steps, tasks
-        from .tasks.prompts import parse_prompt_format
-
-        parse_prompt_format(self.prompt_format, where="StudyConfig.prompt_format")
+        self.sampling.check("StudyConfig")
+        self.workload.check("StudyConfig")
+        self.spr_filter.check("StudyConfig")
         if self.train_mode != "none":  # the study evaluates the head the mode trains
             from .training.modes import get_head_mode
 
             get_head_mode(self.train_mode, where="StudyConfig.train_mode", also=("none",))
-        steps.check_options(self.segmenter, self.segmenter_options, read_at=self.read_at,
-                            where="StudyConfig.segmenter_options")
-        scoring.AGGREGATORS.get(self.aggregator)
-        tasks.TASKS.get(self.task)
+        self.segmentation.check("StudyConfig")
         check(isinstance(self.train, dict), "StudyConfig.train must be a mapping of "
                                             "TrainConfig overrides")
         # what is evaluated must be what was trained: these are set once, at the top level
-        shared = [k for k in SHARED_WITH_TRAINING if k in self.train]
+        shared = [k for k in self.train if str(k).partition(".")[0] in SHARED_WITH_TRAINING]
         if shared:
             raise ConfigError(
                 f"StudyConfig.train sets {shared}: the study evaluates with its own "
@@ -114,13 +105,9 @@ class StudyConfig:
         from .train import TrainConfig
 
         base = dict(mode=self.train_mode if self.train_mode != "none" else "head_only",
-                    backbone=self.backbone, task=self.task, task_options=self.task_options,
-                    prompt_format=dict(self.prompt_format),
-                    steps=self.train_steps, temperature=self.temperature,
-                    filter_warmup_steps=self.filter_warmup_steps,
-                    max_new_tokens=self.max_new_tokens, segmenter=self.segmenter,
-                    segmenter_options=dict(self.segmenter_options), read_at=self.read_at,
-                    aggregator=self.aggregator, seed=self.seed,
+                    workload=to_dict(self.workload), sampling=to_dict(self.sampling),
+                    segmentation=to_dict(self.segmentation),
+                    steps=self.train_steps, spr_filter=to_dict(self.spr_filter),
                     output_dir=str(Path(self.output_dir) / "train"),
                     # a re-run (e.g. a sweep point retried after a crash) continues the last
                     # complete checkpoint of ITS config only: the directory is keyed by the
@@ -141,34 +128,52 @@ class StudyConfig:
         return {"backbone_config": bcfg.key()} if bcfg is not None else {}
 
     def generate_config(self, k: int, seed_offset: int = 0):
+        """The :class:`GenerateConfig` of ``k`` samples per problem: the study's
+        ``sampling`` (seed + ``seed_offset``) and ``segmentation``."""
         from .generate_config import GenerateConfig
 
-        return GenerateConfig(k=k, temperature=self.temperature, top_p=self.top_p,
-                              max_new_tokens=self.max_new_tokens, segmenter=self.segmenter,
-                              segmenter_options=dict(self.segmenter_options),
-                              read_at=self.read_at, seed=self.seed + seed_offset)
+        return GenerateConfig(k=k, sampling=dataclasses.replace(self.sampling,
+                                                                seed=self.seed + seed_offset),
+                              segmentation=copy.deepcopy(self.segmentation))
 
 
 def load_study_config(params: dict[str, Any]) -> StudyConfig:
     """Build a :class:`StudyConfig` from notebook parameters, ignoring the
     runner's reserved names (``mlflow_run_id`` ...) except ``output_dir``."""
-    import dataclasses
-
     from .runner import RESERVED
 
-    fields = {f.name for f in dataclasses.fields(StudyConfig)}
+    fields = field_names(StudyConfig)
     return from_dict(StudyConfig, {k: v for k, v in params.items()
                                    if k in fields or k not in RESERVED})
 
 
 def config_from_namespace(namespace: dict[str, Any], cls: type = None):
     """Build ``cls`` (default :class:`StudyConfig`) from the notebook's globals:
-    every name that is a field of ``cls`` is taken, nothing else."""
-    import dataclasses
-
+    every name that is a field of ``cls`` (or a flat name of its sub-configs,
+    :func:`config.field_names`) is taken, nothing else."""
     cls = cls or StudyConfig
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = field_names(cls)
     return from_dict(cls, {k: namespace[k] for k in names if k in namespace})
+
+
+def setup_notebook(namespace: dict[str, Any], notebook: str, experiment: str):
+    """The setup cell of a study notebook: ``(cfg, tracker, output_dir)``.
+
+    ``cfg`` is :func:`config_from_namespace` of the notebook's globals, written to
+    ``output_dir`` (the runner's, or a fresh ``runs/interactive/...`` folder when the
+    notebook runs interactively); ``tracker`` is its MLflow run
+    (:func:`tracking.notebook_tracker`, experiment ``experiment`` unless the runner
+    injected a run), with ``cfg`` as params."""
+    from . import tracking
+
+    output_dir = namespace.get("output_dir")
+    if output_dir is None:
+        output_dir = str(tracking.interactive_output_dir(notebook))  # <repo>/runs/interactive/...
+    cfg = config_from_namespace({**namespace, "output_dir": output_dir})
+    tracker = tracking.notebook_tracker(namespace.get("mlflow_run_id"),
+                                        namespace.get("tracking_uri"), output_dir,
+                                        experiment=experiment, params=cfg, notebook=notebook)
+    return cfg, tracker, output_dir
 
 
 # ------------------------------------------------------------------ pipeline
@@ -384,6 +389,7 @@ def cache_content(cfg: StudyConfig) -> dict[str, Any]:
     from .backbones import TinyBackboneConfig
     from .config import to_dict
     from .rollout_cache import READ_ONLY_FIELDS
+    from .training.config import OMITTED_AT_DEFAULT
 
     bcfg = backbone_config(cfg)
     if bcfg is None and cfg.backbone == "tiny":
@@ -404,7 +410,9 @@ def cache_content(cfg: StudyConfig) -> dict[str, Any]:
                   "read_at": cfg.read_at, "prompt_format": cfg.prompt_format}
     train = {k: v for k, v in cfg.train_config().to_dict().items()
              if k not in ("output_dir", "resume", "fresh")
-             and not (k in study_copy and v == study_copy[k])}
+             and not (k in study_copy and v == study_copy[k])
+             # fields TrainConfig gained later, at the value runs had before (top_p 1.0)
+             and not (k in OMITTED_AT_DEFAULT and v == OMITTED_AT_DEFAULT[k])}
     if train.get("head_inputs") == "hidden":  # the reference head: keys written before it existed
         train.pop("head_inputs")
     return {"backbone": {"spec": cfg.backbone, "config": bcfg.key() if bcfg else None},

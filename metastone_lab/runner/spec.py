@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import tracking
 from ..config import check, from_dict, load_yaml, parse_override
+from ..config_tree import flat_params
 from ..errors import ConfigError
 
 RESERVED = ("mlflow_run_id", "mlflow_parent_run_id", "tracking_uri", "spec_name",
@@ -37,6 +38,13 @@ class Spec:
         check(bool(_NAME_RE.match(self.name)),
               f"spec name {self.name!r} must be letters, digits, '_', '-', '.' "
               f"(it names the folder runs/<name>); rename it")
+        # nested sub-config keys (sampling: {temperature: 1.2}, sampling.temperature) are
+        # run under their flat names, the names notebooks declare (config_tree.flat_params)
+        where = f"spec {self.name!r}"
+        self.parameters = flat_params(self.parameters, f"{where}: parameters")
+        self.grid = flat_params(self.grid, f"{where}: grid")
+        self.points = [flat_params(p, f"{where}: points[{i}]") if isinstance(p, dict) else p
+                       for i, p in enumerate(self.points)]
         for key, values in self.grid.items():
             check(isinstance(values, list),
                   f"spec {self.name!r}: grid.{key} must be a list of values, got "
@@ -117,13 +125,13 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
     data = load_yaml(path)
     spec = from_dict(Spec, data, where=f"spec {str(path)!r}")
     for item in overrides:
-        key, value = parse_override(item)
-        if key in RESERVED:
-            raise ConfigError(f"--set {item!r}: {key!r} is reserved (injected by the runner)")
-        if key in spec.grid:
-            spec.grid[key] = [value]
-        else:
-            spec.parameters[key] = value
+        for key, value in flat_params(dict([parse_override(item)]), f"--set {item!r}").items():
+            if key in RESERVED:
+                raise ConfigError(f"--set {item!r}: {key!r} is reserved (injected by the runner)")
+            if key in spec.grid:
+                spec.grid[key] = [value]
+            else:
+                spec.parameters[key] = value
     root = Path(root) if root is not None else find_root(path)
     nb = Path(spec.notebook)
     nb = nb if nb.is_absolute() else root / nb

@@ -18,7 +18,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
-from ..config import check, to_dict
+from ..config import check, composes, subconfig, to_dict
+from ..config_tree import FilterConfig, SamplingConfig, StepsConfig, TaskConfig
 from .modes import MODES, TrainingMode, get_mode  # noqa: F401 - MODES: the mode registry
 
 #: TrainConfig fields that do NOT change what a run produces (its weights, its logged
@@ -41,29 +42,35 @@ BOOKKEEPING_FIELDS = ("output_dir", "resume", "fresh", "checkpoint_every", "keep
 #: directories by the full result fingerprint, so it never extends a run either.
 EXTENDABLE_FIELDS = ("steps",)
 
+#: Result fields left out of :meth:`TrainConfig.result_fields` (and the study's rollout
+#: cache key) while they hold this value: fields added after checkpoints were written,
+#: whose default is what those runs did, so their fingerprints stay valid.
+#:   top_p 1.0   rollouts sampled without a nucleus cut before TrainConfig had top_p
+OMITTED_AT_DEFAULT = {"top_p": 1.0}
 
+
+@composes
 @dataclass
 class TrainConfig:
     """Reflective training (GRPO on LoRA adapters + SPR loss on the SPRM head).
 
     ``mode`` names a registered :class:`~metastone_lab.training.modes.TrainingMode`
     (``MODES``; built in: ``joint``, ``head_only``, ``sft``, ``separate_prm``, each
-    described in :mod:`metastone_lab.training.modes`).
+    described in :mod:`metastone_lab.training.modes`). The shared knobs live in the
+    composed sub-configs (:mod:`metastone_lab.config_tree`; flat names work everywhere):
+    ``workload`` (backbone, task, task_options, prompt_format), ``sampling`` of the
+    rollouts (temperature, top_p, max_new_tokens, seed: the run's seed) and
+    ``segmentation`` (segmenter, segmenter_options, read_at, aggregator) and
+    ``spr_filter`` (filter_warmup_steps). ``steps`` is the number of training steps.
     """
 
     mode: str = "joint"
-    backbone: str = "tiny"
-    task: str = "arith"
-    task_options: dict[str, Any] = field(default_factory=dict)
-    # how problems are shown to the backbone (tasks.prompts.PromptFormat keys, e.g.
-    # {"style": "chat", "shots": 2} for an instruction model); {} = the task's own prompt
-    prompt_format: dict[str, Any] = field(default_factory=dict)
+    workload: TaskConfig = subconfig(TaskConfig)
     # rollouts
     n: int = 8                      # group size (trajectories per prompt)
     prompts_per_step: int = 4
     steps: int = 100
-    temperature: float = 0.8
-    max_new_tokens: int = 64
+    sampling: SamplingConfig = subconfig(SamplingConfig)
     # optimisation
     policy_lr: float = 1e-4
     head_lr: float = 1e-3
@@ -78,11 +85,7 @@ class TrainConfig:
     kl_coef: float = 1e-3
     # SPRM head / loss
     loss: str = "spr"
-    # Deviation from the reference (0 = reference): the first N steps train the head
-    # without the pseudo-label filter. From a cold head the filter can lock in a
-    # constant prediction (every step scored 1 once all logits are > 0, because the
-    # y=0 steps it would learn from are exactly the ones it filters out).
-    filter_warmup_steps: int = 0
+    spr_filter: FilterConfig = subconfig(FilterConfig)   # filter_warmup_steps
     feature_layer: int = -2
     grad_scale: float = 1e-4
     head_width_mult: float = 2.0
@@ -96,10 +99,7 @@ class TrainConfig:
     # by its own sum of step weights; only class counts are all-reduced); "global" = divide
     # by the all-reduced sum, so a DP step equals the single-process step on the global batch
     spr_dp_norm: Literal["rank", "global"] = "rank"
-    segmenter: str = "reference"
-    segmenter_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"n": 4} (fixed)
-    read_at: Literal["before_step_token", "step_token"] = "before_step_token"
-    aggregator: str = "geometric"
+    segmentation: StepsConfig = subconfig(StepsConfig)
     # evaluation
     eval_every: int = 10            # 0 disables periodic evaluation
     eval_val_problems: int = 32     # validation: threshold choice only
@@ -115,29 +115,21 @@ class TrainConfig:
     checkpoint_every: int = 10      # 0: only the final checkpoint
     keep_checkpoints: int = 3       # newest complete checkpoints kept (0 = all)
     output_dir: str = "runs/train"
-    seed: int = 0
     resume: bool = False            # continue from the last complete checkpoint in output_dir
     fresh: bool = False             # start over: move output_dir's checkpoints to superseded-*/
     init_from: str | None = None    # checkpoint dir whose adapter/head initialise a NEW run
     device: str = "auto"            # auto | cpu | cuda
 
     def __post_init__(self) -> None:
-        from ..tasks.prompts import parse_prompt_format
-
-        from ..steps import check_options
-
         get_mode(self.mode)
-        parse_prompt_format(self.prompt_format, where="TrainConfig.prompt_format")
-        check_options(self.segmenter, self.segmenter_options, read_at=self.read_at,
-                      where="TrainConfig.segmenter_options")
+        self.workload.check("TrainConfig")
+        self.segmentation.check("TrainConfig")
+        self.sampling.check("TrainConfig")
         check(self.n >= 2, f"TrainConfig.n={self.n}: GRPO needs a group of at least 2 "
                            f"trajectories per prompt to normalise advantages; set n >= 2 (default 8)")
         check(self.prompts_per_step >= 1, f"TrainConfig.prompts_per_step must be >= 1, got "
                                           f"{self.prompts_per_step}")
         check(self.steps >= 0, f"TrainConfig.steps must be >= 0, got {self.steps}")
-        check(self.temperature > 0, f"TrainConfig.temperature must be > 0, got {self.temperature}")
-        check(self.max_new_tokens >= 1, f"TrainConfig.max_new_tokens must be >= 1, got "
-                                        f"{self.max_new_tokens}")
         for k in ("policy_lr", "head_lr", "head_weight_decay", "policy_weight_decay",
                   "max_grad_norm", "kl_coef"):
             check(getattr(self, k) >= 0, f"TrainConfig.{k} must be >= 0, got {getattr(self, k)}")
@@ -152,8 +144,7 @@ class TrainConfig:
                                          f"{self.grad_scale}")
         check(self.head_width_mult > 0, "TrainConfig.head_width_mult must be > 0")
         check(0 <= self.head_dropout < 1, "TrainConfig.head_dropout must be in [0, 1)")
-        check(self.filter_warmup_steps >= 0, "TrainConfig.filter_warmup_steps must be >= 0 "
-                                             "(0 = the reference: filter from the first step)")
+        self.spr_filter.check("TrainConfig")
         for k in ("eval_every", "eval_val_problems", "eval_test_problems", "checkpoint_every",
                   "keep_checkpoints", "sft_batch_size"):
             check(getattr(self, k) >= 0, f"TrainConfig.{k} must be >= 0, got {getattr(self, k)}")
@@ -173,13 +164,11 @@ class TrainConfig:
 
     def validate_names(self) -> None:
         """Check loss / segmenter / aggregator / task names against their registries."""
-        from .. import loss as loss_mod, scoring, steps, tasks
+        from .. import loss as loss_mod
 
         loss_mod.LOSSES.get(self.loss)
-        steps.check_options(self.segmenter, self.segmenter_options, read_at=self.read_at,
-                            where="TrainConfig.segmenter_options")
-        scoring.AGGREGATORS.get(self.aggregator)
-        tasks.TASKS.get(self.task)
+        self.segmentation.check("TrainConfig")
+        self.workload.check("TrainConfig")
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The fields a checkpoint's tensors depend on (shape/layout compatibility)."""
@@ -201,8 +190,10 @@ class TrainConfig:
 
     def result_fields(self) -> dict[str, Any]:
         """Every field that changes what training produces (all but
-        :data:`BOOKKEEPING_FIELDS`)."""
-        return {k: v for k, v in self.to_dict().items() if k not in BOOKKEEPING_FIELDS}
+        :data:`BOOKKEEPING_FIELDS`, flat names; :data:`OMITTED_AT_DEFAULT` fields only
+        when they differ from that value)."""
+        return {k: v for k, v in self.to_dict().items() if k not in BOOKKEEPING_FIELDS
+                and not (k in OMITTED_AT_DEFAULT and v == OMITTED_AT_DEFAULT[k])}
 
     def result_fingerprint(self, extra: Mapping[str, Any] | None = None) -> str:
         """Hash of :meth:`result_fields` (plus ``extra``: what else identifies the
@@ -217,7 +208,8 @@ class TrainConfig:
         from ``stored`` (a checkpoint's ``config``). A key missing from ``stored`` was
         written before the field existed and counts as its default."""
         defaults = to_dict(TrainConfig())
-        mine = self.result_fields()
+        # every result field, OMITTED_AT_DEFAULT ones too (a stored top_p 0.9 differs)
+        mine = {k: v for k, v in self.to_dict().items() if k not in BOOKKEEPING_FIELDS}
         out = {}
         for k, v in mine.items():
             if k in ignore:

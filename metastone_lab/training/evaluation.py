@@ -24,14 +24,17 @@ def eval_problems(trainer: Any, split: str, k: int) -> list[Any]:
 
 def generate_config(cfg: Any) -> Any:
     """The GenerateConfig of the held-out evaluation during training: ``eval_samples``
-    per problem at the training temperature, the training step configuration, seed
-    ``eval_seed``, scored with ``cfg.aggregator``."""
+    per problem with the training ``sampling`` (seed ``eval_seed``) and
+    ``segmentation``, scored with ``cfg.aggregator``."""
+    import copy
+    import dataclasses
+
     from ..generate_config import GenerateConfig
 
-    return GenerateConfig(k=cfg.eval_samples, temperature=cfg.temperature, top_p=1.0,
-                          max_new_tokens=cfg.max_new_tokens, segmenter=cfg.segmenter,
-                          segmenter_options=dict(cfg.segmenter_options), read_at=cfg.read_at,
-                          aggregators=[cfg.aggregator], seed=cfg.eval_seed)
+    return GenerateConfig(k=cfg.eval_samples,
+                          sampling=dataclasses.replace(cfg.sampling, seed=cfg.eval_seed),
+                          segmentation=copy.deepcopy(cfg.segmentation),
+                          aggregators=[cfg.aggregator])
 
 
 def evaluate(trainer: Any) -> dict[str, float]:

@@ -249,7 +249,8 @@ class Trainer:
         self.model.eval()
         try:
             b = rollout(self.policy, self.tokenizer, self.task, problems, n=self.cfg.n,
-                        temperature=self.cfg.temperature, max_new_tokens=self.cfg.max_new_tokens)
+                        temperature=self.cfg.temperature, max_new_tokens=self.cfg.max_new_tokens,
+                        top_p=self.cfg.top_p)
         finally:
             self.model.train()
         return b.to(self.device)

@@ -208,7 +208,9 @@ SEGMENTERS = [("reference", {}), ("paragraph", {}), ("sentence", {}),
 @pytest.mark.parametrize("read_at", ["before_step_token", "step_token"])
 @pytest.mark.parametrize("segmenter,options", SEGMENTERS)
 def test_inflight_scores_equal_reforward(tok, model, segmenter, options, read_at, head_mode):
-    cfg = GenerateConfig(k=6, max_new_tokens=20, chunk_size=4, temperature=1.0,
+    # top_p 0.95: GenerateConfig's default when this test was written (the conclusion case
+    # relies on its samples reaching </think>)
+    cfg = GenerateConfig(k=6, max_new_tokens=20, chunk_size=4, temperature=1.0, top_p=0.95,
                          segmenter=segmenter, segmenter_options=options, read_at=read_at, seed=3,
                          head_mode=head_mode)
     out = generate_best_of_n(model, tok, [Prob(PROMPT)], None, cfg)[0].trajectories

@@ -71,6 +71,7 @@ def test_fingerprint_depends_on_shapes_not_on_lr():
 def test_result_fingerprint_covers_every_field_but_bookkeeping():
     import dataclasses
 
+    from metastone_lab.config import to_dict
     from metastone_lab.training.config import BOOKKEEPING_FIELDS
 
     a = TrainConfig()
@@ -84,17 +85,18 @@ def test_result_fingerprint_covers_every_field_but_bookkeeping():
              "segmenter": "paragraph", "segmenter_options": {"n": 2}, "read_at": "step_token",
              "aggregator": "min", "init_from": "x", "eval_at_start": False,
              "backbone": "micro", "task": "jsonl", "head_inputs": "hidden+confidence"}
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in BOOKKEEPING_FIELDS:
+    # (the flat names: the fields of the composed sub-configs, config_tree, count one by one)
+    for name in to_dict(a):
+        if name in BOOKKEEPING_FIELDS:
             continue
-        v = getattr(a, f.name)
-        new = probe.get(f.name, v + 1 if isinstance(v, int) else
+        v = getattr(a, name)
+        new = probe.get(name, v + 1 if isinstance(v, int) else
                         (v + 0.25 if isinstance(v, float) else None))
-        assert new is not None and new != v, f.name
+        assert new is not None and new != v, name
         b = dataclasses.replace(a)
-        object.__setattr__(b, f.name, new)  # (no range checks needed for a hash)
-        assert b.result_fingerprint() != a.result_fingerprint(), f.name
-        assert f.name in a.result_diff(b.to_dict()), f.name
+        object.__setattr__(b, name, new)  # (no range checks needed for a hash)
+        assert b.result_fingerprint() != a.result_fingerprint(), name
+        assert name in a.result_diff(b.to_dict()), name
     assert a.result_fingerprint({"backbone_config": "x"}) != a.result_fingerprint()
     assert a.result_diff(a.to_dict()) == {}
     # a checkpoint written before a field existed: the missing key is its default

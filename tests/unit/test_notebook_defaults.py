@@ -5,12 +5,12 @@ and a notebook that departs from it says so."""
 from __future__ import annotations
 
 import ast
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
+from metastone_lab.config import to_dict
 from metastone_lab.runner import RESERVED
 from metastone_lab.study import StudyConfig
 
@@ -18,8 +18,9 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.i
 
 
 def _defaults() -> dict:
-    return {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-            for f in dataclasses.fields(StudyConfig)}
+    """StudyConfig's defaults under the flat names a notebook uses (the fields of the
+    composed sub-configs included: ``temperature`` is ``sampling.temperature``)."""
+    return to_dict(StudyConfig())
 
 
 def _parameters(nb: dict) -> dict:
