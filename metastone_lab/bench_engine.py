@@ -52,6 +52,9 @@ def engine_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--segmenter", default="paragraph",
+                   help="step segmenter (paragraph works with every tokenizer; SmolLM2's "
+                        "splits the reference marker)")
     p.add_argument("--skip-hf", action="store_true", help="skip the HF generate baseline")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="clock of every figure: wall or process CPU time")
@@ -108,7 +111,7 @@ def run_engine_bench(args: argparse.Namespace, log: Callable[[str], None] = prin
                   for p in get_task("arith").problems("test", args.problems)]
     k, T, N = args.k, args.max_new_tokens, len(prompt_ids)
     base = dict(k=k, max_new_tokens=T, chunk_size=k, temperature=args.temperature,
-                top_p=args.top_p, ignore_eos=True, seed=args.seed)
+                top_p=args.top_p, ignore_eos=True, seed=args.seed, segmenter=args.segmenter)
     if args.batch_rows is not None:
         base["max_batch_rows"] = args.batch_rows
     cfg_score = G.GenerateConfig(**base, score=True)

@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from .config import check, from_dict
 
 DEFAULT_EFFORT_MAP = {"low": 2, "medium": 8, "high": 32}
-#: the batched engine's rows per decode batch when ``max_batch_rows`` is None
-DEFAULT_BATCH_ROWS = 64
+#: the batched engine's rows per decode batch when ``max_batch_rows`` is None (measured on
+#: SmolLM2-135M, 16 problems x k=8, 16 tokens, 1 thread: 32 rows 15.4 s, 64 rows 13.6 s,
+#: 128 rows 12.5 s process CPU time, medians of 3 interleaved runs)
+DEFAULT_BATCH_ROWS = 128
 
 
 @dataclass

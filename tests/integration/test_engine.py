@@ -148,7 +148,7 @@ def test_batch_budget_smaller_than_k_names_both_numbers():
         GenerateConfig(k=8, max_batch_rows=4)
     with pytest.raises(ConfigError, match=r"max_batch_rows=5.*k=6"):
         engine.plan_batches([6], 5)
-    assert GenerateConfig(k=100).batch_rows == 100 and GenerateConfig(k=8).batch_rows == 64
+    assert GenerateConfig(k=100).batch_rows == 100 and GenerateConfig(k=8).batch_rows == 128
     assert engine.plan_batches([4] * 5, 8) == [[0, 1], [2, 3], [4]]
 
 
@@ -181,3 +181,21 @@ def test_dtype_bfloat16_runs(tok):
                              GenerateConfig(k=2, max_new_tokens=6, dtype="bfloat16", device="cpu"))
     assert next(m.parameters()).dtype == torch.bfloat16
     assert all(len(ps.trajectories) == 2 for ps in out)
+
+
+def test_bench_engine_cli_prints_json_last(capsys):
+    import json
+
+    pytest.importorskip("metastone_lab.backbones.build")
+    from metastone_lab.cli import main
+
+    rc = main(["bench", "engine", "--backbone", "random-small", "--problems", "3", "--k", "2",
+               "--max-new-tokens", "3", "--repeats", "1", "--warmup", "0", "--batch-rows", "4"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("tokens_per_s", "per_problem_tokens_per_s", "hf_tokens_per_s",
+                "speedup_vs_per_problem", "speedup_vs_hf", "scoring_overhead",
+                "roofline_tokens_per_s", "roofline_fraction", "peak_rss_gib"):
+        assert isinstance(res[key], float) and res[key] > 0, key
+    assert res["batches"] == 2 and res["batch_rows"] == 4 and res["clock"] == "wall"
+    assert main(["bench", "engine", "--k", "4", "--batch-rows", "2"]) == 2   # ConfigError
