@@ -148,7 +148,7 @@ def test_batch_budget_smaller_than_k_names_both_numbers():
         GenerateConfig(k=8, max_batch_rows=4)
     with pytest.raises(ConfigError, match=r"max_batch_rows=5.*k=6"):
         engine.plan_batches([6], 5)
-    assert GenerateConfig(k=100).batch_rows == 100 and GenerateConfig(k=8).batch_rows == 128
+    assert GenerateConfig(k=200).batch_rows == 200 and GenerateConfig(k=8).batch_rows == 128
     assert engine.plan_batches([4] * 5, 8) == [[0, 1], [2, 3], [4]]
 
 
