@@ -21,6 +21,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
                          "benchmark a joint step vs a policy-only step"),
     ("bench", "inference"): ("metastone_lab.bench", "cli_inference",
                              "benchmark best-of-N generation with in-flight scoring"),
+    ("bench", "engine"): ("metastone_lab.bench_engine", "cli_engine",
+                          "benchmark the batched best-of-N engine (problems per batch)"),
     ("probe",): ("metastone_lab.probe", "cli_main",
                  "probe which hidden layers encode step correctness (oracle labels)"),
     ("report",): ("metastone_lab.report", "cli_main",

@@ -6,6 +6,10 @@ needs are already computed while decoding:
 
 1. The prompt is prefilled **once** (batch 1); its KV cache is copied and
    expanded to the rows of each chunk (``DynamicCache.batch_repeat_interleave``).
+   By default the batched engine (:mod:`metastone_lab.engine`) then decodes the
+   k rows of several problems in one left-padded batch (``max_batch_rows``);
+   :func:`decode_chunks` below is the one-problem-at-a-time path
+   (``max_batch_rows=0``, and ``bench inference``).
 2. k samples are decoded in chunks of ``chunk_size`` rows (bounded memory) with
    temperature / top-p sampling; a row stops at EOS and is then dropped from the
    cache (``batch_select_indices``), so finished rows cost nothing.
@@ -57,7 +61,10 @@ import torch
 from . import progress, sampling, threads
 from .config import from_dict
 from .confidence import lookahead
-from .errors import ConfigError, NumericsError, ShapeError
+from .errors import ConfigError, ShapeError
+from .engine import Chunk as _Chunk
+from .engine import check_finite, decode_batch, needs_last_hidden, place_model, plan_batches
+from .engine import resolve_head_mode
 from .evaluation import evaluate
 from .generate_config import DEFAULT_EFFORT_MAP, GenerateConfig
 from .prefix_ties import PrefixTies, share_prefix_values
@@ -119,46 +126,6 @@ def _context_len(model: Any) -> int | None:
 
 
 # -------------------------------------------------------------- core decoding
-@dataclass
-class _Chunk:
-    """Decoded rows of one chunk: ``ids`` (R, P+T) padded; ``lengths`` (R,) full
-    lengths; ``head`` (R, P+T) head logits (NaN where not computed, per_step mode);
-    ``feats`` (R, P+T, C) feature-layer hidden states (NaN where not computed,
-    deferred mode); ``hit_max`` (R,).
-
-    Token stats (``cfg.capture_token_stats``; else None): ``tok_logprob``,
-    ``tok_self_certainty``, ``tok_confidence``, each (R, P+T) float32 and
-    ALIGNED WITH THE FULL SEQUENCE ``ids``: column j holds the stat of token
-    ``ids[r, j]``, computed (:func:`token_stats`) from the raw logits of the step
-    that sampled it (i.e. the logits at position j-1). Prompt columns (< P) and
-    padding (>= ``lengths[r]``) are NaN; the EOS column is filled (it is part of
-    the response). So a per-step feature at step position j is ``tok_*[r, j]``.
-    (P+T is trimmed to the chunk's longest row, like ``ids``.)"""
-
-    ids: torch.Tensor
-    lengths: torch.Tensor
-    head: torch.Tensor | None
-    hit_max: torch.Tensor
-    feats: torch.Tensor | None = None
-    tok_logprob: torch.Tensor | None = None
-    tok_self_certainty: torch.Tensor | None = None
-    tok_confidence: torch.Tensor | None = None
-    #: which rows share which prefix (:class:`~metastone_lab.prefix_ties.PrefixTies`)
-    ties: PrefixTies | None = None
-
-
-def resolve_head_mode(cfg: GenerateConfig, hidden_size: int, prompt_len: int) -> str:
-    """``per_step`` or ``deferred`` for ``cfg.head_mode`` (auto: by buffer size)."""
-    if cfg.head_mode != "auto":
-        return cfg.head_mode
-    mb = cfg.rows_per_chunk * (prompt_len + cfg.max_new_tokens) * hidden_size * 4 / 2 ** 20
-    return "deferred" if mb <= cfg.feature_buffer_mb else "per_step"
-
-
-def _needs_last_hidden(read_at: str) -> bool:
-    return read_at != "before_step_token"
-
-
 @torch.inference_mode()
 def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
                   eos: set[int], pad_id: int, generator: torch.Generator | None = None,
@@ -175,7 +142,7 @@ def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
     score = cfg.score
     P = len(prompt_ids)
     T = cfg.max_new_tokens
-    feed_last = score and _needs_last_hidden(cfg.read_at)
+    feed_last = score and needs_last_hidden(cfg.read_at)
     mode = resolve_head_mode(cfg, int(getattr(model, "hidden_size", 0) or 0), P) if score else ""
     conf_head = score and bool(getattr(model, "uses_confidence", False))
     if conf_head:
@@ -185,11 +152,7 @@ def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
     fl = getattr(model, "feature_layer", -2)
     stats = cfg.capture_token_stats or conf_head
     start, out = sampling.prefill(model, [prompt_ids], output_hidden_states=score)
-    if not bool(torch.isfinite(start.logits).all()):  # one cheap check per problem
-        raise NumericsError(
-            f"the backbone's next-token logits after the {P}-token prompt contain NaN/inf: its "
-            f"weights are corrupt or diverged, or the dtype overflows (fp16?); load an earlier "
-            f"checkpoint or run in float32")
+    check_finite(start.logits, P)                      # one cheap check per problem
     prefill_head = prefill_feats = None
     if mode == "per_step":
         prefill_head = model.head_logits_from_hidden(out.hidden_states)[0]        # (P,)
@@ -388,7 +351,17 @@ def generate_best_of_n(model: Any, tokenizer: Any, problems: Sequence[Any], task
     ``model``: a :class:`~metastone_lab.sprm.ReflectiveModel` (its head is applied
     to ``model.feature_layer``). ``problems``: objects with ``prompt`` (and ``id``);
     ``task``: judges text (``extract_answer``, ``is_correct``, ``first_wrong_step``)
-    or None. The model is put in eval mode (dropout off) for the call and restored.
+    or None. The model is put in eval mode (dropout off) for the call and restored
+    (and moved / cast in place when ``cfg.device`` / ``cfg.dtype`` ask for it).
+
+    Problems are decoded by the batched engine (:mod:`metastone_lab.engine`) in
+    batches of at most ``cfg.batch_rows`` rows, or one at a time in chunks of
+    ``chunk_size`` rows when ``max_batch_rows == 0``. Problem i samples from its own
+    generator, seeded ``seed * 1_000_003 + i``, whatever its batch. A problem whose
+    prompt exceeds the model context fails alone: the others are decoded, then a
+    ShapeError names the failed ids; its ``.results`` holds every problem's
+    ProblemSamples (empty trajectories for the failed ones). ``gen_seconds`` of a
+    problem decoded in a batch is the batch's decode time / its problems.
     """
     if cfg is None or isinstance(cfg, dict):
         cfg = from_dict(GenerateConfig, cfg or {})
@@ -397,36 +370,69 @@ def generate_best_of_n(model: Any, tokenizer: Any, problems: Sequence[Any], task
             f"generate_best_of_n: scoring needs a ReflectiveModel (got {type(model).__name__}); "
             f"wrap the backbone with metastone_lab.sprm.ReflectiveModel or set score=False"
         )
+    place_model(model, cfg)
     aggs = _aggregators(cfg) if cfg.score else []
     eos = sampling.eos_ids(model, tokenizer)
     pad_id = sampling.pad_id_for(tokenizer, eos)
     was_training = model.training
     model.eval()
-    results = []
-    n_tok, t_all = 0, time.perf_counter()
+    results: list[ProblemSamples | None] = [None] * len(problems)
+    failed: list[str] = []
+    prompts: dict[int, list[int]] = {}
+    for pi, problem in enumerate(problems):
+        ids = encode_prompt(tokenizer, problem.prompt)
+        try:
+            _check_context(model, len(ids), cfg, getattr(problem, "id", pi))
+        except ShapeError as e:
+            failed.append(str(e))
+            results[pi] = ProblemSamples(problem=problem, trajectories=[])
+            continue
+        prompts[pi] = ids
+    order = list(prompts)
+    budget = cfg.batch_rows
+    batches = ([[pi] for pi in order] if budget == 0 else
+               [[order[j] for j in b] for b in plan_batches([cfg.k] * len(order), budget)])
+    n_tok, done, t_all = 0, 0, time.perf_counter()
+
+    def seed_of(pi: int) -> torch.Generator:
+        return torch.Generator(device="cpu").manual_seed(int(cfg.seed) * 1_000_003 + pi)
+
     try:
-        for pi, problem in enumerate(problems):
+        for batch in batches:
             threads.rebalance()  # share the cores with metastone-lab jobs started since
-            prompt_ids = encode_prompt(tokenizer, problem.prompt)
-            _check_context(model, len(prompt_ids), cfg, getattr(problem, "id", pi))
-            gen = torch.Generator(device="cpu").manual_seed(int(cfg.seed) * 1_000_003 + pi)
             t0 = time.perf_counter()
-            chunks = decode_chunks(model, prompt_ids, cfg, eos=eos, pad_id=pad_id, generator=gen)
-            seconds = time.perf_counter() - t0
-            trajs: list[Trajectory] = []
-            for ch in chunks:
-                mask = finish_chunk(model, ch, tokenizer, cfg, len(prompt_ids)) \
-                    if cfg.score else None
-                trajs += _build_trajectories(ch, mask, len(prompt_ids), tokenizer, problem, task,
-                                             eos, pad_id, aggs, cfg.read_at, cfg.deepconf_window)
-            results.append(ProblemSamples(problem=problem, trajectories=trajs,
-                                          gen_seconds=seconds))
-            n_tok += sum(len(t.token_ids) for t in trajs)
-            progress.report("sampling", pi + 1, len(problems), "problems",
+            if budget == 0:
+                pi = batch[0]
+                per = [decode_chunks(model, prompts[pi], cfg, eos=eos, pad_id=pad_id,
+                                     generator=seed_of(pi))]
+            else:
+                per = [[c] for c in decode_batch(model, [prompts[pi] for pi in batch], cfg,
+                                                  eos=eos, pad_id=pad_id,
+                                                  generators=[seed_of(pi) for pi in batch])]
+            seconds = (time.perf_counter() - t0) / len(batch)
+            for pi, chunks in zip(batch, per):
+                P = len(prompts[pi])
+                trajs: list[Trajectory] = []
+                for ch in chunks:
+                    mask = finish_chunk(model, ch, tokenizer, cfg, P) if cfg.score else None
+                    trajs += _build_trajectories(ch, mask, P, tokenizer, problems[pi], task, eos,
+                                                 pad_id, aggs, cfg.read_at, cfg.deepconf_window)
+                results[pi] = ProblemSamples(problem=problems[pi], trajectories=trajs,
+                                             gen_seconds=seconds)
+                n_tok += sum(len(t.token_ids) for t in trajs)
+            done += len(batch)
+            progress.report("sampling", done, len(order), "problems",
                             tok_per_s=round(n_tok / max(time.perf_counter() - t_all, 1e-9)))
     finally:
         model.train(was_training)
-    return results
+    out = [r for r in results if r is not None]
+    if failed:
+        err = ShapeError(f"{len(failed)} of {len(problems)} problems failed (the other "
+                         f"{len(problems) - len(failed)} were decoded; see .results): "
+                         + "; ".join(failed))
+        err.results = out
+        raise err
+    return out
 
 
 @torch.inference_mode()

@@ -8,6 +8,10 @@ from .config import check, composes, from_dict, subconfig
 from .config_tree import SamplingConfig, StepsConfig
 
 DEFAULT_EFFORT_MAP = {"low": 2, "medium": 8, "high": 32}
+#: the batched engine's rows per decode batch when ``max_batch_rows`` is None (measured on
+#: SmolLM2-135M, 16 problems x k=8, 16 tokens, 1 thread: 32 rows 15.4 s, 64 rows 13.6 s,
+#: 128 rows 12.5 s process CPU time, medians of 3 interleaved runs)
+DEFAULT_BATCH_ROWS = 128
 
 
 @composes
@@ -61,6 +65,14 @@ class GenerateConfig:
     token_stats: bool | None = None
     deepconf_topk: int = 20
     deepconf_window: int = 16
+    #: rows decoded together by the batched engine (engine.py): the k rows of as many
+    #: problems as fit (each problem's rows stay in one batch); None = max(DEFAULT_BATCH_ROWS,
+    #: k); 0 = one problem at a time, in chunks of ``chunk_size`` (the per-problem path)
+    max_batch_rows: int | None = None
+    #: where the engine runs the model: "auto" (where it is), "cpu" or "cuda"
+    device: str = "auto"
+    #: the engine's model dtype: None (as loaded), "float32", "bfloat16" or "float16"
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.effort is not None:
@@ -89,6 +101,19 @@ class GenerateConfig:
         check(self.span in ("inference", "train"),
               f"GenerateConfig.span must be 'inference' or 'train', got {self.span!r}")
         self.segmentation.check("GenerateConfig", span=self.span)
+        check(self.max_batch_rows is None or (isinstance(self.max_batch_rows, int)
+                                               and self.max_batch_rows >= 0),
+              f"GenerateConfig.max_batch_rows must be an int >= 0 (0 = one problem per "
+              f"batch) or null (auto), got {self.max_batch_rows!r}")
+        check(self.max_batch_rows is None or self.max_batch_rows == 0 or self.max_batch_rows >= self.k,
+              f"GenerateConfig.max_batch_rows={self.max_batch_rows} is smaller than one "
+              f"problem's k={self.k} rows (a problem's rows share one batch); set "
+              f"max_batch_rows >= {self.k}, or 0 for one problem per batch")
+        check(self.device in ("auto", "cpu", "cuda"),
+              f"GenerateConfig.device must be auto, cpu or cuda, got {self.device!r}")
+        check(self.dtype in (None, "float32", "bfloat16", "float16"),
+              f"GenerateConfig.dtype must be float32, bfloat16, float16 or null, got "
+              f"{self.dtype!r}")
         if self.temperature <= 0 and self.k > 1:
             warnings.warn(
                 f"GenerateConfig: temperature={self.temperature} <= 0 is greedy decoding, so all "
@@ -104,6 +129,13 @@ class GenerateConfig:
     @property
     def rows_per_chunk(self) -> int:
         return self.k if self.chunk_size == 0 else min(self.chunk_size, self.k)
+
+    @property
+    def batch_rows(self) -> int:
+        """Rows per batch of the batched engine (0 = the per-problem path)."""
+        if self.max_batch_rows is None:
+            return max(DEFAULT_BATCH_ROWS, self.k)
+        return self.max_batch_rows
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "GenerateConfig":

@@ -23,7 +23,10 @@ Conventions, shared by every caller:
   added, so a Llama-family BOS is always there).
 * **RNG**: draws come from the ``generator`` the caller passes, in row order at
   every step; ``None`` = torch's global RNG (the trainer's rollouts, whose
-  checkpoints save that RNG).
+  checkpoints save that RNG). Rows of several problems in one batch (the batched
+  best-of-N engine) pass ``groups`` (the problem of each row, contiguous) and one
+  generator per group: each step draws once per group over that group's
+  unfinished rows, so a group's samples do not depend on the other groups.
 * **EOS**: :func:`eos_ids` (the tokenizer's EOS plus the model's
   ``generation_config.eos_token_id``). A row ends at its first EOS id, which is
   kept as its last token; finished rows leave the batch (``batch_select_indices``)
@@ -31,7 +34,9 @@ Conventions, shared by every caller:
   ``max_new_tokens``.
 * **Padding**: prompts of one length need none; prompts of different lengths are
   left-padded, with an attention mask and explicit positions (:func:`pad_left`).
-  Finished rows are filled with ``pad_id`` after their end.
+  States prefilled apart (one per problem) are joined by :func:`merge_states`,
+  which left-pads their KV caches the same way. Finished rows are filled with
+  ``pad_id`` after their end.
 """
 from __future__ import annotations
 
@@ -195,6 +200,55 @@ class State:
         return State(cache, rep(self.logits), rep(self.attention_mask), rep(self.position))
 
 
+def _dynamic_layers(cache: Any) -> list:
+    """The layers of a plain ``DynamicCache`` (each with ``keys`` / ``values`` (B, H, S, D))."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = list(getattr(cache, "layers", None) or [])
+    if not layers or any(type(la) is not DynamicLayer for la in layers):
+        raise TypeError(f"merge_states joins plain DynamicCache layers only, got "
+                        f"{sorted({type(la).__name__ for la in layers}) or type(cache).__name__}")
+    return layers
+
+
+@torch.inference_mode()
+def merge_states(states: Sequence[State]) -> State:
+    """Join the rows of ``states`` (each prefilled apart, rows of one prompt length
+    P_i, no mask) into one :class:`State` of R = sum R_i rows, in order.
+
+    Same lengths: the caches are concatenated as they are (no mask). Otherwise each
+    cache is left-padded to P = max P_i with zeros that the ``attention_mask``
+    (R, P) masks out, and ``position`` (R, 1) = P_i - 1 continues each row's own
+    positions (rotary is applied before caching, so cached keys keep theirs). The
+    states are consumed (the first one's cache object carries the result).
+    """
+    if len(states) == 1:
+        return states[0]
+    if any(s.attention_mask is not None for s in states):
+        raise ValueError("merge_states joins unpadded states (one prompt length each)")
+    lens = [int(_dynamic_layers(s.cache)[0].keys.shape[-2]) for s in states]
+    P = max(lens)
+    layers = [_dynamic_layers(s.cache) for s in states]
+    for li, la in enumerate(layers[0]):
+        for name in ("keys", "values"):
+            parts = []
+            for s_layers, n in zip(layers, lens):
+                x = getattr(s_layers[li], name)                          # (R_i, H, P_i, D)
+                if n < P:
+                    x = torch.cat([x.new_zeros(*x.shape[:2], P - n, x.shape[-1]), x], dim=-2)
+                parts.append(x)
+            setattr(la, name, torch.cat(parts, dim=0))                   # (R, H, P, D)
+    logits = torch.cat([s.logits for s in states], dim=0)                # (R, V)
+    if len(set(lens)) == 1:
+        return State(states[0].cache, logits)
+    dev = logits.device
+    attn = torch.cat([(torch.arange(P, device=dev) >= P - n).long()[None].expand(
+        s.logits.shape[0], -1) for s, n in zip(states, lens)], dim=0)     # (R, P)
+    pos = torch.cat([torch.full((s.logits.shape[0], 1), n - 1, dtype=torch.long, device=dev)
+                     for s, n in zip(states, lens)], dim=0)              # (R, 1)
+    return State(states[0].cache, logits, attn, pos)
+
+
 @dataclass
 class Decoded:
     """The result of :func:`decode` for R rows: ``tokens`` (R, T) the new ids (``pad_id``
@@ -238,8 +292,16 @@ def decode(model: Any, state: State, *, max_new_tokens: int, eos: set[int], pad_
            temperature: float = 1.0, top_p: float = 1.0,
            generator: torch.Generator | None = None, ignore_eos: bool = False,
            output_hidden_states: bool = False, feed_last: bool = False,
-           on_token: OnToken | None = None, on_forward: OnForward | None = None) -> Decoded:
+           on_token: OnToken | None = None, on_forward: OnForward | None = None,
+           groups: torch.Tensor | None = None,
+           generators: Sequence[torch.Generator | None] | None = None) -> Decoded:
     """Decode up to ``max_new_tokens`` for the R rows of ``state``.
+
+    ``groups`` (R,) long, non-decreasing (rows of one group contiguous) with
+    ``generators`` (one per group id): every step samples each group's unfinished
+    rows in one draw from its own generator (``generator`` is then unused), and
+    ``on_token`` is called once per group; a group's draws are those it would get
+    decoded alone.
 
     ``feed_last``: feed every row's final token once more (its hidden state is
     read by ``on_forward``; read modes that look at the step token itself).
@@ -265,11 +327,17 @@ def decode(model: Any, state: State, *, max_new_tokens: int, eos: set[int], pad_
         attn = None if attn is None else attn[keep]
         pos = None if pos is None else pos[keep]
 
+    grouped = groups is not None and temperature > 0   # greedy draws nothing: one call
+    grp_all = groups.to(device) if grouped else None
     for t in range(T):
-        nxt, top = sample_next_with_top(logits, temperature, top_p, generator)   # (rows,)
+        if grouped:
+            nxt = _draw_by_group(t, rows, logits, grp_all[rows], temperature, top_p,
+                                 generators, on_token)
+        else:
+            nxt, top = sample_next_with_top(logits, temperature, top_p, generator)  # (rows,)
+            if on_token is not None:
+                on_token(t, rows, nxt, logits, top)
         tokens[rows, t] = nxt
-        if on_token is not None:
-            on_token(t, rows, nxt, logits, top)
         done = torch.isin(nxt, eos_t) if eos_t is not None else torch.zeros_like(nxt, dtype=torch.bool)
         if done.any():
             lengths[rows[done]] = t + 1
@@ -304,6 +372,25 @@ def decode(model: Any, state: State, *, max_new_tokens: int, eos: set[int], pad_
     return Decoded(tokens, lengths, hit_max)
 
 
+def _draw_by_group(t: int, rows: torch.Tensor, logits: torch.Tensor, grp: torch.Tensor,
+                   temperature: float, top_p: float, generators: Sequence[Any],
+                   on_token: OnToken | None) -> torch.Tensor:
+    """Sample (n,) ids for the n active ``rows`` whose groups ``grp`` (n,) are
+    contiguous: one :func:`sample_next_with_top` per group from its generator on
+    its slice of ``logits`` (n, V) (views, no copy)."""
+    nxt = torch.empty(rows.shape[0], dtype=torch.long, device=logits.device)
+    ids, counts = torch.unique_consecutive(grp, return_counts=True)
+    a = 0
+    for g, c in zip(ids.tolist(), counts.tolist()):
+        lg = logits[a:a + c]
+        n_g, top = sample_next_with_top(lg, temperature, top_p, generators[g])
+        nxt[a:a + c] = n_g
+        if on_token is not None:
+            on_token(t, rows[a:a + c], n_g, lg, top)
+        a += c
+    return nxt
+
+
 def sample(model: Any, prompts: Sequence[Sequence[int]], *, n: int = 1, max_new_tokens: int,
            eos: set[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
            generator: torch.Generator | None = None, batch_size: int = 0,
@@ -325,4 +412,4 @@ def sample(model: Any, prompts: Sequence[Sequence[int]], *, n: int = 1, max_new_
 
 __all__ = ["encode_prompt", "eos_ids", "pad_id_for", "cache_kwarg", "output_cache",
            "pad_right", "pad_left", "sample_next", "sample_next_with_top", "State", "Decoded",
-           "prefill", "decode", "sample"]
+           "prefill", "decode", "sample", "merge_states"]

@@ -33,7 +33,7 @@ def model(tok):
     return make_model(tok, seed=0)
 
 
-def _run(model, tok, monkeypatch, noise_seed, head_mode):
+def _run(model, tok, monkeypatch, noise_seed, head_mode, max_batch_rows=None):
     """Sample with rounding-like noise (None = none) on the token stats and head logits."""
     with monkeypatch.context() as mp:
         if noise_seed is not None:
@@ -49,7 +49,8 @@ def _run(model, tok, monkeypatch, noise_seed, head_mode):
             mp.setattr(model, "head_logits_from_hidden",
                        lambda *a, **kw: jitter(from_hidden(*a, **kw)))
         cfg = G.GenerateConfig(k=K, max_new_tokens=T, temperature=0.3, top_p=1.0,
-                               head_mode=head_mode, deepconf_window=4, seed=0)
+                               head_mode=head_mode, deepconf_window=4, seed=0,
+                               max_batch_rows=max_batch_rows)
         return G.generate_best_of_n(model, tok, [Prob(PROMPT)], FakeTask(), cfg)[0].trajectories
 
 
@@ -63,8 +64,11 @@ def _shared(a, b) -> int:
 
 
 @pytest.mark.parametrize("head_mode", ["deferred", "per_step"])
-def test_shared_prefix_values_are_equal_under_rounding_noise(tok, model, monkeypatch, head_mode):
-    trajs = _run(model, tok, monkeypatch, noise_seed=1, head_mode=head_mode)
+@pytest.mark.parametrize("max_batch_rows", [None, 0])   # the batched engine / one problem at a time
+def test_shared_prefix_values_are_equal_under_rounding_noise(tok, model, monkeypatch, head_mode,
+                                                             max_batch_rows):
+    trajs = _run(model, tok, monkeypatch, noise_seed=1, head_mode=head_mode,
+                 max_batch_rows=max_batch_rows)
     pairs = [(a, b, _shared(a, b)) for i, a in enumerate(trajs) for b in trajs[i + 1:]]
     assert max(m for *_, m in pairs) >= 3, "no two samples share an opening: test is vacuous"
     la = lookahead("before_step_token")

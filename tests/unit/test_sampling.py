@@ -134,3 +134,44 @@ def test_padding_helpers_shapes(seqs):
     assert attn.sum(-1).tolist() == [len(s) for s in seqs]
     assert [row[-len(s):] for row, s in zip(ids.tolist(), seqs)] == seqs
     assert pos[:, -1].tolist() == [len(s) - 1 for s in seqs]
+
+
+def _alone(model, prompt, n, gen, **kw):
+    state, _ = sampling.prefill(model, [prompt])
+    return sampling.decode(model, state.repeat(n), generator=gen, **kw).rows()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_merged_states_of_several_prompts_decode_as_each_alone(temperature):
+    """Caches prefilled apart and joined with left padding (merge_states), one generator
+    per group of rows: each prompt's rows get exactly the tokens they get decoded alone,
+    whatever shares the batch."""
+    model = _tiny_llama()
+    prompts = [[5, 9, 11, 30, 31], [7, 8], [20, 3, 4]]           # three lengths
+    kw = dict(max_new_tokens=7, eos={1}, pad_id=0, temperature=temperature, top_p=0.9)
+    want = [_alone(model, p, 3, torch.Generator().manual_seed(10 + i), **kw)
+            for i, p in enumerate(prompts)]
+    for order in ([0, 1, 2], [2, 0], [1]):
+        states = [sampling.prefill(model, [prompts[i]])[0].repeat(3) for i in order]
+        merged = sampling.merge_states(states)
+        assert (merged.attention_mask is None) == (len({len(prompts[i]) for i in order}) == 1)
+        groups = torch.arange(len(order)).repeat_interleave(3)
+        gens = [torch.Generator().manual_seed(10 + i) for i in order]
+        got = sampling.decode(model, merged, groups=groups, generators=gens, **kw).rows()
+        for j, i in enumerate(order):
+            assert got[3 * j:3 * j + 3] == want[i], (order, i)
+    if temperature > 0:
+        assert len({tuple(r) for rows in want for r in rows}) > 3   # not vacuous
+
+
+def test_merge_states_pads_the_cache_on_the_left():
+    model = _tiny_llama()
+    a, _ = sampling.prefill(model, [[5, 9, 11, 30]])
+    b, _ = sampling.prefill(model, [[7, 8]])
+    kb = b.cache.layers[0].keys.clone()                            # (1, H, 2, D)
+    m = sampling.merge_states([a, b])
+    keys = m.cache.layers[0].keys
+    assert keys.shape[0] == 2 and keys.shape[-2] == 4
+    assert torch.equal(keys[1:, :, 2:], kb) and keys[1:, :, :2].eq(0).all()
+    assert m.attention_mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
+    assert m.position.tolist() == [[3], [1]]

@@ -1,0 +1,216 @@
+"""``metastone-lab bench engine``: the batched best-of-N engine against the
+one-problem-per-batch path and HF ``generate``, and against a matmul roofline.
+
+Every path decodes the same ``--problems`` arith test prompts, ``--k`` samples
+each, exactly ``--max-new-tokens`` tokens per sample (``ignore_eos`` for ours,
+``min_new_tokens`` for HF), so each run produces N*k*T tokens. All paths run in
+one process, round-robin after warm-up (``bench._interleaved_medians``); the
+figures are medians on the ``--clock`` (wall by default; ``cpu`` = process CPU
+time, steadier on a shared machine; both are in ``seconds``):
+
+* ``tokens_per_s``: the batched engine with in-flight scoring (decode + head +
+  token stats + step mask + trajectory scores), batches of ``--batch-rows`` rows;
+* ``per_problem_tokens_per_s``: the same, one problem per batch (the
+  per-problem path, ``generate.decode_chunks`` with ``chunk_size = k``);
+* ``hf_tokens_per_s``: ``model.generate(num_return_sequences=k, do_sample=True)``
+  over the same batches of problems, left-padded (no scoring);
+* ``scoring_overhead``: the batched engine with scoring / without;
+* ``roofline_tokens_per_s``: the matmul FLOP rate measured here at the model's
+  decode shapes ((batch rows, in) x (in, out) for every linear layer of one
+  decoder layer and the LM head, timed in the same round-robin) divided by
+  2 x parameters FLOPs per token; ``roofline_fraction`` = tokens_per_s / it;
+* ``peak_rss_gib``: peak RSS after the batched engine's first run, before the
+  baselines run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any, Callable
+
+from . import cli_help
+
+
+def engine_parser() -> argparse.ArgumentParser:
+    p = cli_help.parser(
+        "metastone-lab bench engine",
+        "Benchmark the batched best-of-N engine (several problems per decode batch) against "
+        "one problem per batch, HF generate and a matmul roofline. The last output line is "
+        "one JSON object.")
+    p.add_argument("--backbone", default="tiny",
+                   help="backbone spec for load_backbone (tiny, smollm2 when installed, a local "
+                        "HF dir), or 'random' / 'random-small' (random weights, for tests)")
+    p.add_argument("--problems", type=int, default=16, help="arith test prompts")
+    p.add_argument("--k", type=int, default=8, help="samples per problem")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per sample (exactly)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per path")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of every path first")
+    p.add_argument("--batch-rows", type=int, default=None,
+                   help="rows per decode batch (default: GenerateConfig's max_batch_rows)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--segmenter", default="paragraph",
+                   help="step segmenter (paragraph works with every tokenizer; SmolLM2's "
+                        "splits the reference marker)")
+    p.add_argument("--skip-hf", action="store_true", help="skip the HF generate baseline")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="clock of every figure: wall or process CPU time")
+    return p
+
+
+def linear_shapes(config: Any) -> list[tuple[int, int, int]]:
+    """(in, out, count) of the matmuls one token costs in a Llama-like model: per
+    decoder layer q/o (C x C), k/v (C x kv), gate/up (C x I), down (I x C); then
+    the LM head (C x V)."""
+    C, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    heads = config.num_attention_heads
+    kv = C // heads * getattr(config, "num_key_value_heads", heads)
+    L = config.num_hidden_layers
+    return [(C, C, 2 * L), (C, kv, 2 * L), (C, I, 2 * L), (I, C, L), (C, V, 1)]
+
+
+def make_matmul_probe(config: Any, rows: int, dtype: Any) -> tuple[Callable[[], None], float]:
+    """A function running each decode-shaped matmul ((rows, in) x (in, out), one of
+    every distinct shape, ``count`` times) and the FLOPs it does (2 rows in out each)."""
+    import torch
+
+    shapes = linear_shapes(config)
+    xs = {(i, o): (torch.randn(rows, i, dtype=dtype), torch.randn(i, o, dtype=dtype))
+          for i, o, _ in shapes}
+    flops = float(sum(2 * rows * i * o * n for i, o, n in shapes))
+
+    def run() -> None:
+        for i, o, n in shapes:
+            a, b = xs[(i, o)]
+            for _ in range(n):
+                torch.matmul(a, b)
+    return run, flops
+
+
+def run_engine_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
+    """Run the engine benchmark; returns the result dict (see the module docstring)."""
+    import torch
+
+    from . import generate as G
+    from . import sampling
+    from .bench import _interleaved_medians, _load, _peak_rss_gib
+    from .engine import decode_batch, plan_batches
+    from .sprm import ReflectiveModel
+    from .tasks import get_task
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    lm, tok = _load(args.backbone)
+    lm.eval()
+    model = ReflectiveModel(lm).eval()
+    prompt_ids = [G.encode_prompt(tok, p.prompt)
+                  for p in get_task("arith").problems("test", args.problems)]
+    k, T, N = args.k, args.max_new_tokens, len(prompt_ids)
+    base = dict(k=k, max_new_tokens=T, chunk_size=k, temperature=args.temperature,
+                top_p=args.top_p, ignore_eos=True, seed=args.seed, segmenter=args.segmenter)
+    if args.batch_rows is not None:
+        base["max_batch_rows"] = args.batch_rows
+    cfg_score = G.GenerateConfig(**base, score=True)
+    cfg_plain = G.GenerateConfig(**base, score=False)
+    rows = cfg_score.batch_rows
+    batches = [[i] for i in range(N)] if rows == 0 else plan_batches([k] * N, rows)
+    eos = sampling.eos_ids(model, tok)
+    pad = sampling.pad_id_for(tok, eos)
+    aggs = G._aggregators(cfg_score)
+    log(f"bench engine: backbone={args.backbone} problems={N} k={k} max_new_tokens={T} "
+        f"batch_rows={rows} batches={len(batches)} threads={torch.get_num_threads()} "
+        f"repeats={args.repeats} clock={args.clock}")
+
+    def gens(idx):
+        return [torch.Generator().manual_seed(args.seed * 1_000_003 + i) for i in idx]
+
+    def finish(ch, P, cfg) -> None:   # step mask + head readout + trajectory scores
+        if cfg.score:
+            mask = G.finish_chunk(model, ch, tok, cfg, P)
+            G._trajectory_scores(ch.head, mask, aggs)
+            torch.sigmoid(ch.head[mask])
+
+    def engine(cfg) -> None:
+        for b in batches:
+            chunks = decode_batch(model, [prompt_ids[i] for i in b], cfg, eos=eos, pad_id=pad,
+                                  generators=gens(b))
+            for i, ch in zip(b, chunks):
+                finish(ch, len(prompt_ids[i]), cfg)
+
+    def per_problem() -> None:
+        for i, pids in enumerate(prompt_ids):
+            for ch in G.decode_chunks(model, pids, cfg_score, eos=eos, pad_id=pad,
+                                      generator=gens([i])[0]):
+                finish(ch, len(pids), cfg_score)
+
+    def hf() -> None:
+        torch.manual_seed(args.seed)
+        with torch.inference_mode():
+            for b in batches:
+                ids, attn, _ = sampling.pad_left([prompt_ids[i] for i in b], pad)
+                lm.generate(input_ids=ids, attention_mask=attn, do_sample=True,
+                            temperature=args.temperature, top_p=args.top_p, top_k=0,
+                            num_return_sequences=k, max_new_tokens=T, min_new_tokens=T,
+                            pad_token_id=pad)
+
+    dtype = next(lm.parameters()).dtype
+    matmul, flops = make_matmul_probe(lm.config, k * len(batches[0]), dtype)
+    engine(cfg_score)                       # peak RSS of the engine, before any baseline
+    peak = _peak_rss_gib()
+    fns = {"engine_scored": lambda: engine(cfg_score), "engine_plain": lambda: engine(cfg_plain),
+           "per_problem": per_problem, "matmul": matmul}
+    if not args.skip_hf:
+        fns["hf_generate"] = hf
+    t = _interleaved_medians(fns, args.repeats, args.warmup)
+    c = args.clock
+    tokens = N * k * T
+    n_params = sum(p.numel() for p in lm.parameters())
+    rate = {n: tokens / max(v[c], 1e-12) for n, v in t.items() if n != "matmul"}
+    roof = flops / max(t["matmul"][c], 1e-12) / (2 * n_params)
+    for n, v in t.items():
+        log(f"  {n:<14}: wall {v['wall']:.3f} s   cpu {v['cpu']:.3f} s")
+    log(f"  matmul rate   : {flops / t['matmul'][c] / 1e9:.2f} GFLOP/s ({c}); "
+        f"params {n_params / 1e6:.1f} M; peak RSS {peak:.3f} GiB")
+    r4 = (lambda x: None if x is None else round(x, 4))
+    hf_rate = rate.get("hf_generate")
+    return {
+        "tokens_per_s": round(rate["engine_scored"], 1),
+        "per_problem_tokens_per_s": round(rate["per_problem"], 1),
+        "hf_tokens_per_s": None if hf_rate is None else round(hf_rate, 1),
+        "speedup_vs_per_problem": r4(rate["engine_scored"] / rate["per_problem"]),
+        "speedup_vs_hf": None if hf_rate is None else r4(rate["engine_scored"] / hf_rate),
+        "scoring_overhead": r4(t["engine_scored"][c] / t["engine_plain"][c]),
+        "roofline_tokens_per_s": round(roof, 1),
+        "roofline_fraction": r4(rate["engine_scored"] / roof),
+        "peak_rss_gib": round(peak, 4),
+        "clock": c, "backbone": args.backbone, "problems": N, "k": k, "max_new_tokens": T,
+        "batch_rows": rows, "batches": len(batches), "threads": torch.get_num_threads(),
+        "repeats": args.repeats, "warmup": args.warmup, "params": n_params,
+        "matmul_gflop_per_s": round(flops / t["matmul"][c] / 1e9, 3),
+        "seconds": {n: {kk: round(vv, 4) for kk, vv in v.items()} for n, v in t.items()},
+    }
+
+
+def cli_engine(argv: list[str] | None = None) -> int:
+    """``metastone-lab bench engine``: last output line is one JSON object."""
+    args = engine_parser().parse_args(argv)
+    from .errors import ConfigError
+
+    for name in ("problems", "k", "max_new_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"bench engine: --{name.replace('_', '-')} must be >= 1, "
+                              f"got {getattr(args, name)}")
+    if args.batch_rows is not None and 0 < args.batch_rows < args.k:
+        raise ConfigError(f"bench engine: --batch-rows {args.batch_rows} is smaller than one "
+                          f"problem's --k {args.k} rows")
+    result = run_engine_bench(args)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+__all__ = ["engine_parser", "run_engine_bench", "cli_engine", "linear_shapes",
+           "make_matmul_probe"]
