@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from typing import Any, Callable
 
 from . import cli_help
