@@ -31,6 +31,11 @@ Deterministic tie rules (documented contract)
   share a prefix bit-identical token stats and head logits over it
   (:mod:`metastone_lab.prefix_ties`), so these rules break them the same way on any
   thread count, batch composition or machine.
+* Score and signal argmaxes (``sprm_bon``, ``last_step``, ``<s>_bon``) treat values
+  within :data:`TIE_ULPS` float32 ulps of the maximum as tied with it
+  (:func:`ties_with`): such a gap is rounding (it moves with the thread count), so
+  the lowest index of them wins on every machine. Vote totals and a winning answer's
+  representative (same answer, same correctness) compare exactly.
 
 Self-signal selectors (``aggregator`` is ignored; a missing signal is a
 ConfigError naming the fix). NaN signals rank below every number.
@@ -111,11 +116,35 @@ def _check(trajectories: Sequence[Any]) -> None:
         raise ConfigError("selector: empty group of trajectories; generate k >= 1 samples")
 
 
+#: Two scores closer than this many float32 units in the last place (of the larger
+#: magnitude) are a tie. The scores and signals come from float32 forwards whose
+#: reduction order (the torch thread count, the BLAS kernel, the machine) moves each
+#: value by a few ulps, so a gap of a few ulps is rounding, not a preference: 16 ulps
+#: (relative 16 * 2**-23 = 1.9e-6) covers a handful of rounded reductions with room.
+#: Measured (issue 16 §8): 1 vs 2 threads moved a DeepConf near tie by 8.9e-8.
+TIE_ULPS = 16
+_F32_EPS = 2.0 ** -23
+
+
+def ties_with(a: float, b: float) -> bool:
+    """Whether ``a`` and ``b`` are equal up to float32 rounding (:data:`TIE_ULPS`)."""
+    if a == b:
+        return True
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return False
+    return abs(a - b) <= TIE_ULPS * _F32_EPS * max(abs(a), abs(b), 2.0 ** -126)
+
+
 def _argmax(values: Sequence[float]) -> int:
+    """Index of the largest value; values that tie with it up to float32 rounding
+    (:func:`ties_with`) count as equal and the lowest index of them wins."""
     best, best_i = -math.inf, 0
     for i, v in enumerate(values):
         if v > best:
             best, best_i = v, i
+    for i, v in enumerate(values[:best_i]):
+        if ties_with(v, best):
+            return i
     return best_i
 
 

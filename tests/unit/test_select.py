@@ -67,6 +67,26 @@ def test_tie_rules_are_deterministic():
     assert SELECTORS.get("sprm_bon")(nan) == 1        # NaN ranks below numbers
 
 
+def test_rounding_sized_gaps_are_ties_on_every_thread_count():
+    """Issue 16 §8: a float32 forward on another thread count moves a score by a few
+    ulps; gaps of that size tie (lowest index wins), whichever way they point."""
+    from metastone_lab.select import TIE_ULPS, ties_with
+
+    eps32 = 2.0 ** -23                 # float32 unit roundoff x 2 (one ulp at 1.0)
+    for base in (0.731, 3.25, -2.5):
+        ulp = eps32 * abs(base)
+        near = base + 0.5 * TIE_ULPS * ulp          # well inside the bound
+        for pair in ([base, near], [near, base]):   # either order: the first one wins
+            g = [T(str(i), v, i == 0, signals={"mean_logprob": v, "self_certainty": v,
+                                               "deepconf": v}) for i, v in enumerate(pair)]
+            for name in ("sprm_bon", "mean_logprob_bon", "self_certainty_bon", "deepconf_bon"):
+                assert SELECTORS.get(name)(g) == 0, (name, pair)
+        far = base + 4 * TIE_ULPS * ulp             # a real preference still wins
+        assert SELECTORS.get("sprm_bon")([T("a", base, False), T("b", far, True)]) == 1
+        assert not ties_with(base, far) and ties_with(base, near)
+    assert not ties_with(float("inf"), 1e300) and ties_with(-math.inf, -math.inf)
+
+
 def test_all_none_answers_fall_back_to_index_zero():
     g = [T(None, 0.2, False), T(None, 0.9, False)]
     assert SELECTORS.get("majority")(g) == 0
