@@ -4,8 +4,11 @@ Each subcommand is a ``cli_*(argv) -> int`` function that prints human-readable
 lines and, as its **last line**, one JSON object with the figures.
 
 ``bench inference`` (:func:`cli_inference`) - best-of-N generation with in-flight
-SPRM scoring. All baselines run in the same process, on the same prompts, with
-warm-up and repeats (medians reported):
+SPRM scoring. All baselines run in the same process, on the same prompts, after a
+warm-up, in ``--repeats`` interleaved rounds (every path once per round,
+:func:`interleaved_runs`). Each ratio below is computed per round from the two
+paths that ran side by side; the JSON gives its median (the headline key) and, under
+``ratios``, its median, min and max over the rounds:
 
 * ``p1_scoring_overhead`` = (our BoN decode + in-flight scoring + step readout)
   / (the same decode without scoring). Goal <= 1.03.
@@ -37,23 +40,47 @@ def _peak_rss_gib() -> float:
     return r / (1024 ** 3) if sys.platform == "darwin" else r / (1024 ** 2)
 
 
-def _interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
-                         ) -> dict[str, dict[str, float]]:
-    """Median wall and CPU (process) seconds of each fn, run round-robin
-    (A B C A B C ...) so that load drift on a shared machine hits all alike."""
+def interleaved_runs(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
+                     ) -> dict[str, dict[str, list[float]]]:
+    """Wall and process-CPU seconds of every run of each fn: ``warmup`` untimed rounds,
+    then ``repeats`` timed rounds, each running every fn once. The order snakes
+    (A B C, C B A, A B C, ...) so that load drift on a shared machine hits all alike
+    and the paths compared in one ratio run next to each other in every round.
+    Returns ``{name: {"wall": [s] * repeats, "cpu": [s] * repeats}}``."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    wall: dict[str, list[float]] = {n: [] for n in fns}
-    cpu: dict[str, list[float]] = {n: [] for n in fns}
-    for _ in range(repeats):
-        for n, fn in fns.items():
+    runs: dict[str, dict[str, list[float]]] = {n: {"wall": [], "cpu": []} for n in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for n in (names if r % 2 == 0 else names[::-1]):
             w0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            cpu[n].append(time.process_time() - c0)
-            wall[n].append(time.perf_counter() - w0)
-    return {n: {"wall": statistics.median(wall[n]), "cpu": statistics.median(cpu[n])}
-            for n in fns}
+            fns[n]()
+            runs[n]["cpu"].append(time.process_time() - c0)
+            runs[n]["wall"].append(time.perf_counter() - w0)
+    return runs
+
+
+def run_medians(runs: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    """``{name: {"wall": median, "cpu": median}}`` of :func:`interleaved_runs`' output."""
+    return {n: {c: statistics.median(v[c]) for c in ("wall", "cpu")} for n, v in runs.items()}
+
+
+def ratio_stats(runs: dict[str, dict[str, list[float]]], a: str, b: str, clock: str,
+                ) -> dict[str, float] | None:
+    """Median, min and max over the rounds of the per-round ratio ``a / b`` (the two
+    paths ran side by side in each round); None when either path did not run."""
+    if a not in runs or b not in runs:
+        return None
+    q = [x / max(y, 1e-12) for x, y in zip(runs[a][clock], runs[b][clock])]
+    return {"median": round(statistics.median(q), 4), "min": round(min(q), 4),
+            "max": round(max(q), 4)}
+
+
+def _interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
+                         ) -> dict[str, dict[str, float]]:
+    """Medians of :func:`interleaved_runs` (wall and CPU seconds per fn)."""
+    return run_medians(interleaved_runs(fns, repeats, warmup))
 
 
 def _random_backbone(seed: int = 0, tiny: bool = False):
@@ -93,7 +120,8 @@ def inference_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=32, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens sampled per trajectory at most")
     p.add_argument("--n-prompts", type=int, default=4, help="arith test prompts")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per path")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed rounds (every path once per round, interleaved)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
@@ -181,34 +209,41 @@ def run_inference_bench(args: argparse.Namespace, log: Callable[[str], None] = p
            f"ours_scored_{other}": lambda: ours(cfg_other), "reforward": reforward}
     if not args.skip_hf:
         fns["hf_generate"] = hf
-    t = _interleaved_medians(fns, args.repeats, args.warmup)
+    runs = interleaved_runs(fns, args.repeats, args.warmup)
+    t = run_medians(runs)
     c = args.clock
+    pairs = {"p1_scoring_overhead": ("ours_scored", "ours_plain"),
+             f"p1_scoring_overhead_{other}": (f"ours_scored_{other}", "ours_plain"),
+             "reforward_overhead": ("reforward", "ours_plain"),
+             "p2_hf_generate_over_ours": ("hf_generate", "ours_scored")}
+    stats = {n: ratio_stats(runs, a, b, c) for n, (a, b) in pairs.items()}
 
-    def ratio(a: str, b: str, clock: str = c) -> float | None:
-        if a not in t or b not in t:
-            return None
-        return round(t[a][clock] / t[b][clock], 4)
+    def ratio(name: str, clock: str = c) -> float | None:
+        st = stats[name] if clock == c else ratio_stats(runs, *pairs[name], clock)
+        return None if st is None else st["median"]
 
     for n, v in t.items():
         log(f"  {n:<26}: wall {v['wall']:.3f} s   cpu {v['cpu']:.3f} s")
+    for n, st in stats.items():
+        if st is not None:
+            log(f"  {n:<30}: median {st['median']:.4f}  min {st['min']:.4f}  "
+                f"max {st['max']:.4f}  ({args.repeats} rounds, {c})")
     log(f"  peak RSS after our BoN    : {peak:.3f} GiB")
     tokens = len(prompt_ids) * k * T
     return {
         "k": k,
-        "p1_scoring_overhead": ratio("ours_scored", "ours_plain"),
-        "reforward_overhead": ratio("reforward", "ours_plain"),
-        "p2_hf_generate_over_ours": ratio("hf_generate", "ours_scored"),
+        "p1_scoring_overhead": ratio("p1_scoring_overhead"),
+        "reforward_overhead": ratio("reforward_overhead"),
+        "p2_hf_generate_over_ours": ratio("p2_hf_generate_over_ours"),
         "p5_peak_rss_gib": round(peak, 4),
         "clock": c,
+        "ratios": stats,
         "head_mode": cfg_score.head_mode if cfg_score.head_mode != "auto" else
         G.resolve_head_mode(cfg_score, model.hidden_size, len(prompt_ids[0])),
-        f"p1_scoring_overhead_{other}": ratio(f"ours_scored_{other}", "ours_plain"),
-        "other_clock": {
-            "p1_scoring_overhead": ratio("ours_scored", "ours_plain", "cpu" if c == "wall" else "wall"),
-            "reforward_overhead": ratio("reforward", "ours_plain", "cpu" if c == "wall" else "wall"),
-            "p2_hf_generate_over_ours": ratio("hf_generate", "ours_scored",
-                                              "cpu" if c == "wall" else "wall"),
-        },
+        f"p1_scoring_overhead_{other}": ratio(f"p1_scoring_overhead_{other}"),
+        "other_clock": {n: ratio(n, "cpu" if c == "wall" else "wall")
+                        for n in ("p1_scoring_overhead", "reforward_overhead",
+                                  "p2_hf_generate_over_ours")},
         "backbone": args.backbone,
         "max_new_tokens": T,
         "n_prompts": len(prompt_ids),
@@ -250,7 +285,9 @@ def train_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompts", type=int, default=4, help="prompts per step")
     ap.add_argument("--max-new-tokens", type=int, default=48, help="tokens per rollout at most")
     ap.add_argument("--kl-coef", type=float, default=1e-3, help="KL penalty to the reference policy")
-    ap.add_argument("--repeats", type=int, default=7, help="timed repeats (median reported)")
+    ap.add_argument("--repeats", type=int, default=7,
+                    help="timed rounds, each one joint and one policy-only step (>= 5 for "
+                         "a median, min and max worth reading)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0, help="rollout seed")
@@ -271,7 +308,9 @@ def _train_bench_backbone(spec: str):
 
 def run_train_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     """Time ``Trainer.update`` (joint) and ``Trainer.update(policy_only=True)`` on one
-    fixed rollout batch, interleaved (A B A B ...), after warm-up; medians."""
+    fixed rollout batch, interleaved (A B, B A, ...; :func:`interleaved_runs`) after
+    warm-up. ``ratio`` is the median over the rounds of the per-round joint / policy
+    time; ``ratio_stats`` its median, min and max; the step times are medians."""
     import tempfile
 
     import torch
@@ -292,23 +331,19 @@ def run_train_bench(args: argparse.Namespace, log: Callable[[str], None] = print
             f" tokens={tokens} response_tokens={batch.n_response_tokens} "
             f"pass_rate={float(batch.correct.float().mean()):.3f} threads={torch.get_num_threads()}")
         fns = {"joint": lambda: t.update(batch), "policy": lambda: t.update(batch, policy_only=True)}
-        for _ in range(args.warmup):
-            for fn in fns.values():
-                fn()
-        times: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(args.repeats):
-            for k, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
-    joint, policy = statistics.median(times["joint"]), statistics.median(times["policy"])
+        runs = interleaved_runs(fns, args.repeats, args.warmup)
+    med = run_medians(runs)
+    joint, policy = med["joint"]["wall"], med["policy"]["wall"]
+    stats = ratio_stats(runs, "joint", "policy", "wall")
     res = {"joint_step_s": round(joint, 5), "policy_step_s": round(policy, 5),
-           "ratio": round(joint / policy, 4), "tokens_per_s": round(tokens / joint, 1),
+           "ratio": stats["median"], "ratio_stats": stats,
+           "tokens_per_s": round(tokens / joint, 1),
            "tokens": tokens, "batch": len(batch), "backbone": args.backbone,
            "repeats": args.repeats, "warmup": args.warmup, "threads": torch.get_num_threads(),
            "head_params": t.param_counts["head"], "lora_params": t.param_counts["lora"],
            "backbone_params": t.param_counts["backbone"]}
-    log(f"joint {joint * 1e3:.1f} ms  policy-only {policy * 1e3:.1f} ms  ratio {joint / policy:.3f}")
+    log(f"joint {joint * 1e3:.1f} ms  policy-only {policy * 1e3:.1f} ms  ratio (per round) "
+        f"median {stats['median']:.4f} min {stats['min']:.4f} max {stats['max']:.4f}")
     return res
 
 

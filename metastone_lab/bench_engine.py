@@ -4,8 +4,10 @@ one-problem-per-batch path and HF ``generate``, and against a matmul roofline.
 Every path decodes the same ``--problems`` arith test prompts, ``--k`` samples
 each, exactly ``--max-new-tokens`` tokens per sample (``ignore_eos`` for ours,
 ``min_new_tokens`` for HF), so each run produces N*k*T tokens. All paths run in
-one process, round-robin after warm-up (``bench._interleaved_medians``); the
-figures are medians on the ``--clock`` (wall by default; ``cpu`` = process CPU
+one process, interleaved after warm-up (``bench.interleaved_runs``); rates are
+medians, and each ratio is the median over the rounds of the ratio of the two paths
+that ran side by side in that round (its median, min and max are under ``ratios``),
+on the ``--clock`` (wall by default; ``cpu`` = process CPU
 time, steadier on a shared machine; both are in ``seconds``):
 
 * ``tokens_per_s``: the batched engine with in-flight scoring (decode + head +
@@ -43,7 +45,8 @@ def engine_parser() -> argparse.ArgumentParser:
     p.add_argument("--problems", type=int, default=16, help="arith test prompts")
     p.add_argument("--k", type=int, default=8, help="samples per problem")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per sample (exactly)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per path")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed rounds (every path once per round, interleaved)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of every path first")
     p.add_argument("--batch-rows", type=int, default=None,
                    help="rows per decode batch (default: GenerateConfig's max_batch_rows)")
@@ -95,7 +98,7 @@ def run_engine_bench(args: argparse.Namespace, log: Callable[[str], None] = prin
 
     from . import generate as G
     from . import sampling
-    from .bench import _interleaved_medians, _load, _peak_rss_gib
+    from .bench import _load, _peak_rss_gib, interleaved_runs, ratio_stats, run_medians
     from .engine import decode_batch, plan_batches
     from .sprm import ReflectiveModel
     from .tasks import get_task
@@ -164,8 +167,13 @@ def run_engine_bench(args: argparse.Namespace, log: Callable[[str], None] = prin
            "per_problem": per_problem, "matmul": matmul}
     if not args.skip_hf:
         fns["hf_generate"] = hf
-    t = _interleaved_medians(fns, args.repeats, args.warmup)
+    runs = interleaved_runs(fns, args.repeats, args.warmup)
+    t = run_medians(runs)
     c = args.clock
+    # per round, the paths of a ratio ran side by side: median / min / max over rounds
+    ratios = {"speedup_vs_per_problem": ratio_stats(runs, "per_problem", "engine_scored", c),
+              "speedup_vs_hf": ratio_stats(runs, "hf_generate", "engine_scored", c),
+              "scoring_overhead": ratio_stats(runs, "engine_scored", "engine_plain", c)}
     tokens = N * k * T
     n_params = sum(p.numel() for p in lm.parameters())
     rate = {n: tokens / max(v[c], 1e-12) for n, v in t.items() if n != "matmul"}
@@ -180,9 +188,10 @@ def run_engine_bench(args: argparse.Namespace, log: Callable[[str], None] = prin
         "tokens_per_s": round(rate["engine_scored"], 1),
         "per_problem_tokens_per_s": round(rate["per_problem"], 1),
         "hf_tokens_per_s": None if hf_rate is None else round(hf_rate, 1),
-        "speedup_vs_per_problem": r4(rate["engine_scored"] / rate["per_problem"]),
-        "speedup_vs_hf": None if hf_rate is None else r4(rate["engine_scored"] / hf_rate),
-        "scoring_overhead": r4(t["engine_scored"][c] / t["engine_plain"][c]),
+        "speedup_vs_per_problem": ratios["speedup_vs_per_problem"]["median"],
+        "speedup_vs_hf": None if hf_rate is None else ratios["speedup_vs_hf"]["median"],
+        "scoring_overhead": ratios["scoring_overhead"]["median"],
+        "ratios": ratios,
         "roofline_tokens_per_s": round(roof, 1),
         "roofline_fraction": r4(rate["engine_scored"] / roof),
         "peak_rss_gib": round(peak, 4),

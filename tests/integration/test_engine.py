@@ -198,4 +198,6 @@ def test_bench_engine_cli_prints_json_last(capsys):
                 "roofline_tokens_per_s", "roofline_fraction", "peak_rss_gib"):
         assert isinstance(res[key], float) and res[key] > 0, key
     assert res["batches"] == 2 and res["batch_rows"] == 4 and res["clock"] == "wall"
+    for name, st in res["ratios"].items():          # per-round ratios: median, min, max
+        assert st["median"] == res[name] and st["min"] <= st["median"] <= st["max"], name
     assert main(["bench", "engine", "--k", "4", "--batch-rows", "2"]) == 2   # ConfigError

@@ -329,6 +329,8 @@ def test_bench_inference_cli_prints_json_last(capsys):
                 "p5_peak_rss_gib"):
         assert key in res
     assert res["k"] == 2 and res["p1_scoring_overhead"] > 0 and res["p5_peak_rss_gib"] > 0
+    st = res["ratios"]["p1_scoring_overhead"]       # per-round ratios: median within min, max
+    assert st["median"] == res["p1_scoring_overhead"] and st["min"] <= st["median"] <= st["max"]
 
 
 # ------------------------------------------------------- training-free self-signals
