@@ -15,7 +15,9 @@ a problem's k rows always share one batch). For one batch, :func:`decode_batch`:
    problem's samples do not depend on which problems share its batch (and equal
    the per-problem path's when ``chunk_size >= k``, the default: the same draws
    from the same generator on the same rows; logits equal up to rounding);
-4. captures in flight, through the same hooks as ``generate.decode_chunks``, the
+   ``generate.decode_chunks``, the per-problem path, is this function called with
+   one prompt per chunk;
+4. captures in flight, through the sampler's ``on_token`` / ``on_forward`` hooks, the
    head logits (``per_step``) or feature-layer states (``deferred``) of every fed
    position and the token statistics of every sampled token, in buffers laid out
    in the batch's left-padded frame (column ``P + t`` = step t for every row);
@@ -117,13 +119,17 @@ def plan_batches(n_rows: Sequence[int], budget: int) -> list[list[int]]:
 @torch.inference_mode()
 def decode_batch(model: Any, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, *,
                  eos: set[int], pad_id: int,
-                 generators: Sequence[torch.Generator | None]) -> list[Chunk]:
-    """Decode ``cfg.k`` rows for each of the N ``prompts`` (token id lists) in one
-    batch of N*k rows, ``generators[i]`` drawing problem i's samples; returns one
-    :class:`Chunk` of k rows per prompt, in the per-problem layout (see the module
-    docstring). ``model``: a ReflectiveModel (a bare causal LM when not scoring)."""
+                 generators: Sequence[torch.Generator | None],
+                 rows_per_prompt: int | None = None) -> list[Chunk]:
+    """Decode k = ``rows_per_prompt`` (default ``cfg.k``) rows for each of the N
+    ``prompts`` (token id lists) in one batch of N*k rows, ``generators[i]`` drawing
+    problem i's samples; returns one :class:`Chunk` of k rows per prompt, in the
+    per-problem layout (see the module docstring). ``model``: a ReflectiveModel (a
+    bare causal LM when not scoring). One prompt decodes ungrouped on its generator
+    (the same draws, without the per-group split)."""
     device = sampling.device_of(sampling.base_model(model))
-    score, k, T = cfg.score, cfg.k, cfg.max_new_tokens
+    score, T = cfg.score, cfg.max_new_tokens
+    k = cfg.k if rows_per_prompt is None else int(rows_per_prompt)
     lens = [len(p) for p in prompts]
     P, R = max(lens), k * len(prompts)
     W = P + T                                     # width of the left-padded frame
@@ -170,11 +176,14 @@ def decode_batch(model: Any, prompts: Sequence[Sequence[int]], cfg: GenerateConf
         else:
             feats[rows, P + t] = out.hidden_states[fl][:, -1]
 
-    groups = torch.arange(len(prompts), device=device).repeat_interleave(k)   # (R,)
+    one = len(prompts) == 1
+    groups = None if one else torch.arange(len(prompts), device=device).repeat_interleave(k)
     dec = sampling.decode(model, start, max_new_tokens=T, eos=eos, pad_id=pad_id,
                           temperature=cfg.temperature, top_p=cfg.top_p,
                           ignore_eos=cfg.ignore_eos, output_hidden_states=score,
-                          feed_last=feed_last, groups=groups, generators=list(generators),
+                          feed_last=feed_last, groups=groups,
+                          generator=generators[0] if one else None,
+                          generators=None if one else list(generators),
                           on_token=on_token if stat_buf is not None else None,
                           on_forward=on_forward if mode else None)
     chunks = []

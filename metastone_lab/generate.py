@@ -4,8 +4,9 @@ The reference scores each finished trajectory with a second forward pass
 (method.md §6). Here the backbone is shared, so the hidden states the SPRM head
 needs are already computed while decoding:
 
-1. The prompt is prefilled **once** (batch 1); its KV cache is copied and
-   expanded to the rows of each chunk (``DynamicCache.batch_repeat_interleave``).
+1. The prompt is prefilled **once** (batch 1; once per chunk when ``chunk_size``
+   < k); its KV cache is copied and expanded to the chunk's rows
+   (``DynamicCache.batch_repeat_interleave``).
    By default the batched engine (:mod:`metastone_lab.engine`) then decodes the
    k rows of several problems in one left-padded batch (``max_batch_rows``);
    :func:`decode_chunks` below is the one-problem-at-a-time path
@@ -63,8 +64,8 @@ from .config import from_dict
 from .confidence import lookahead
 from .errors import ConfigError, ShapeError
 from .engine import Chunk as _Chunk
-from .engine import check_finite, decode_batch, needs_last_hidden, place_model, plan_batches
-from .engine import resolve_head_mode
+from .engine import decode_batch, place_model, plan_batches
+from .engine import resolve_head_mode  # re-exported (bench, tests): see __all__
 from .evaluation import evaluate
 from .generate_config import DEFAULT_EFFORT_MAP, GenerateConfig
 from .prefix_ties import PrefixTies, share_prefix_values
@@ -126,89 +127,22 @@ def _context_len(model: Any) -> int | None:
 
 
 # -------------------------------------------------------------- core decoding
-@torch.inference_mode()
 def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
                   eos: set[int], pad_id: int, generator: torch.Generator | None = None,
                   ) -> list[_Chunk]:
-    """Prefill ``prompt_ids`` once, then decode ``cfg.k`` rows in chunks with
-    :func:`metastone_lab.sampling.decode`, capturing through its hooks what scoring
-    needs: head logits or feature-layer states of every fed position, and the token
-    statistics of every sampled token.
-
-    ``model`` is a :class:`~metastone_lab.sprm.ReflectiveModel` (or a bare causal
-    LM when ``cfg.score`` is False). Returns one :class:`_Chunk` per chunk.
+    """One problem at a time (``max_batch_rows: 0``): its ``cfg.k`` rows in chunks of
+    at most ``cfg.rows_per_chunk`` rows, each chunk one call of the engine
+    (:func:`metastone_lab.engine.decode_batch` with one prompt: the prompt is
+    prefilled once per chunk and its cache expanded to the chunk's rows), all
+    chunks drawing in turn from ``generator``. Returns one :class:`_Chunk` per chunk.
     """
-    device = sampling.device_of(sampling.base_model(model))
-    score = cfg.score
-    P = len(prompt_ids)
-    T = cfg.max_new_tokens
-    feed_last = score and needs_last_hidden(cfg.read_at)
-    mode = resolve_head_mode(cfg, int(getattr(model, "hidden_size", 0) or 0), P) if score else ""
-    conf_head = score and bool(getattr(model, "uses_confidence", False))
-    if conf_head:
-        # the confidence head reads per-step token stats: keep the features until the
-        # step mask is known (deferred), and record the stats it needs
-        mode = "deferred"
-    fl = getattr(model, "feature_layer", -2)
-    stats = cfg.capture_token_stats or conf_head
-    start, out = sampling.prefill(model, [prompt_ids], output_hidden_states=score)
-    check_finite(start.logits, P)                      # one cheap check per problem
-    prefill_head = prefill_feats = None
-    if mode == "per_step":
-        prefill_head = model.head_logits_from_hidden(out.hidden_states)[0]        # (P,)
-    elif mode == "deferred":
-        prefill_feats = out.hidden_states[fl][0]                                 # (P, C)
-    del out
-    prompt = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)    # (1, P)
-
     chunks: list[_Chunk] = []
     remaining = cfg.k
     while remaining > 0:
         R = min(cfg.rows_per_chunk, remaining)
         remaining -= R
-        head = feats = stat_buf = None
-        if mode == "per_step":
-            head = torch.full((R, P + T), float("nan"), dtype=torch.float32, device=device)
-            head[:, :P] = prefill_head
-        elif mode == "deferred":
-            feats = torch.full((R, P + T, prefill_feats.shape[-1]), float("nan"),
-                               dtype=prefill_feats.dtype, device=device)
-            feats[:, :P] = prefill_feats
-        if stats:   # [logprob, self_certainty, confidence] of the token at each column
-            stat_buf = torch.full((3, R, P + T), float("nan"), dtype=torch.float32,
-                                  device=device)                                # (3, R, P+T)
-
-        def on_token(t, rows, nxt, logits, top, stat_buf=stat_buf):
-            # from the raw logits that sampled nxt (no second pass)
-            stat_buf[:, rows, P + t] = token_stats(logits, nxt, cfg.deepconf_topk, top)
-
-        def on_forward(t, rows, out, head=head, feats=feats):
-            # the hidden state of the token fed at column P + t
-            if mode == "per_step":
-                head[rows, P + t] = model.head_logits_from_hidden(out.hidden_states)[:, -1]
-            else:
-                feats[rows, P + t] = out.hidden_states[fl][:, -1]
-
-        dec = sampling.decode(model, start.repeat(R), max_new_tokens=T, eos=eos, pad_id=pad_id,
-                              temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
-                              ignore_eos=cfg.ignore_eos, output_hidden_states=score,
-                              feed_last=feed_last,
-                              on_token=on_token if stat_buf is not None else None,
-                              on_forward=on_forward if mode else None)
-        lengths = P + dec.lengths
-        Lmax = int(lengths.max())
-        ids = torch.cat([prompt.expand(R, -1), dec.tokens], dim=1)[:, :Lmax]   # (R, Lmax)
-        ties = PrefixTies(ids) if (stat_buf is not None or mode) else None
-        if stat_buf is None:
-            stat_buf = [None] * 3
-        else:   # a shared prefix has the same stats in exact arithmetic: make them equal
-            src = ties.sources()                                                # (R, Lmax)
-            stat_buf = [share_prefix_values(x, src) for x in stat_buf[:, :, :Lmax]]
-        chunks.append(_Chunk(ids=ids, lengths=lengths,
-                             head=None if head is None else head[:, :Lmax], hit_max=dec.hit_max,
-                             feats=None if feats is None else feats[:, :Lmax],
-                             tok_logprob=stat_buf[0], tok_self_certainty=stat_buf[1],
-                             tok_confidence=stat_buf[2], ties=ties))
+        chunks += decode_batch(model, [prompt_ids], cfg, eos=eos, pad_id=pad_id,
+                               generators=[generator], rows_per_prompt=R)
     return chunks
 
 
@@ -562,4 +496,5 @@ __all__ = [
     "GenerateConfig", "Trajectory", "ProblemSamples", "generate_best_of_n", "reforward_scores",
     "evaluate", "sample_next", "decode_chunks", "BACKENDS", "generate_best_of_n_vllm",
     "DEFAULT_EFFORT_MAP", "pad_right", "token_stats", "trajectory_signals", "SIGNALS",
+    "resolve_head_mode",
 ]

@@ -5,8 +5,8 @@ Every caller samples through :func:`decode`:
 * the tiny backbone's pass@k right after its build (``backbones.build.evaluate``,
   via :func:`sample`);
 * the GRPO rollouts (``training.rollout.rollout``, via :func:`sample`);
-* best-of-N with in-flight SPRM scoring and the probe
-  (``generate.decode_chunks``, which captures head scores, features and token
+* best-of-N with in-flight SPRM scoring and the probe (the batched engine,
+  ``engine.decode_batch``, which captures head scores, features and token
   statistics through the ``on_token`` / ``on_forward`` hooks).
 
 The loop is nanoGPT's ``GPT.generate`` with a KV cache::
@@ -299,9 +299,9 @@ def decode(model: Any, state: State, *, max_new_tokens: int, eos: set[int], pad_
 
     ``groups`` (R,) long, non-decreasing (rows of one group contiguous) with
     ``generators`` (one per group id): every step samples each group's unfinished
-    rows in one draw from its own generator (``generator`` is then unused), and
-    ``on_token`` is called once per group; a group's draws are those it would get
-    decoded alone.
+    rows in one draw from its own generator (``generator`` is then unused); a
+    group's draws are those it would get decoded alone. ``on_token`` is called once
+    per step for all unfinished rows.
 
     ``feed_last``: feed every row's final token once more (its hidden state is
     read by ``on_forward``; read modes that look at the step token itself).
@@ -377,17 +377,22 @@ def _draw_by_group(t: int, rows: torch.Tensor, logits: torch.Tensor, grp: torch.
                    on_token: OnToken | None) -> torch.Tensor:
     """Sample (n,) ids for the n active ``rows`` whose groups ``grp`` (n,) are
     contiguous: one :func:`sample_next_with_top` per group from its generator on
-    its slice of ``logits`` (n, V) (views, no copy)."""
+    its slice of ``logits`` (n, V) (views, no copy). ``on_token`` is called once,
+    for all n rows (its statistics are row-wise, so one vectorised call gives each
+    row what a call per group would), with the groups' top indices joined when
+    every group has them at one width (else None)."""
     nxt = torch.empty(rows.shape[0], dtype=torch.long, device=logits.device)
     ids, counts = torch.unique_consecutive(grp, return_counts=True)
+    tops: list[torch.Tensor | None] = []
     a = 0
     for g, c in zip(ids.tolist(), counts.tolist()):
-        lg = logits[a:a + c]
-        n_g, top = sample_next_with_top(lg, temperature, top_p, generators[g])
+        n_g, top = sample_next_with_top(logits[a:a + c], temperature, top_p, generators[g])
         nxt[a:a + c] = n_g
-        if on_token is not None:
-            on_token(t, rows[a:a + c], n_g, lg, top)
+        tops.append(top)
         a += c
+    if on_token is not None:
+        same = all(x is not None for x in tops) and len({x.shape[-1] for x in tops}) == 1
+        on_token(t, rows, nxt, logits, torch.cat(tops) if same else None)
     return nxt
 
 
