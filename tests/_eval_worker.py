@@ -8,8 +8,8 @@ It builds a ReflectiveModel on the random micro Llama of ``_accel_worker.make_mi
 :func:`metastone_lab.held_out.evaluate_held_out` twice on real ``arith`` problems
 (:data:`WORKLOAD`: in-flight scores with validation problems; re-scored by a
 separate PRM without), and writes ``OUT_DIR/rank<r>.pkl`` per process: both
-evaluations, the global problem indices this process sampled, and how many tables it
-logged to the tracker.
+evaluations, the global problem indices this process sampled, the tables it logged to
+the tracker, and each evaluation's wall time (``seconds``).
 """
 from __future__ import annotations
 
@@ -95,11 +95,12 @@ def main(argv: list[str]) -> int:
     evaluation._log_table = lambda table, name: logged.append(name)
     res = evaluate(micro_dir)
     rank, world = shard.process()
+    seconds = {name: ev.seconds for name, ev in res.items()}
     for ev in res.values():
         ev.seconds = None                          # wall times differ between runs
         for ps in ev.test + ev.val:
             ps.gen_seconds = None
-    res.update(rank=rank, world=world, sampled=sampled, logged=logged)
+    res.update(rank=rank, world=world, sampled=sampled, logged=logged, seconds=seconds)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"rank{rank}.pkl").write_bytes(pickle.dumps(res))
     return 0
