@@ -279,7 +279,8 @@ def _check_context(model: Any, prompt_len: int, cfg: GenerateConfig, pid: Any) -
 
 # ------------------------------------------------------------------ public API
 def generate_best_of_n(model: Any, tokenizer: Any, problems: Sequence[Any], task: Any,
-                       cfg: GenerateConfig | dict | None = None) -> list[ProblemSamples]:
+                       cfg: GenerateConfig | dict | None = None, *,
+                       indices: Sequence[int] | None = None) -> list[ProblemSamples]:
     """Sample ``cfg.k`` trajectories per problem and score their steps in flight.
 
     ``model``: a :class:`~metastone_lab.sprm.ReflectiveModel` (its head is applied
@@ -291,7 +292,10 @@ def generate_best_of_n(model: Any, tokenizer: Any, problems: Sequence[Any], task
     Problems are decoded by the batched engine (:mod:`metastone_lab.engine`) in
     batches of at most ``cfg.batch_rows`` rows, or one at a time in chunks of
     ``chunk_size`` rows when ``max_batch_rows == 0``. Problem i samples from its own
-    generator, seeded ``seed * 1_000_003 + i``, whatever its batch. A problem whose
+    generator, seeded ``seed * 1_000_003 + indices[i]``, whatever its batch;
+    ``indices`` (default ``range(len(problems))``) are the problems' places in the
+    full list when ``problems`` is one shard of it (:mod:`metastone_lab.shard`), so
+    a shard samples what those problems sample in the full run. A problem whose
     prompt exceeds the model context fails alone: the others are decoded, then a
     ShapeError names the failed ids; its ``.results`` holds every problem's
     ProblemSamples (empty trajectories for the failed ones). ``gen_seconds`` of a
@@ -299,6 +303,10 @@ def generate_best_of_n(model: Any, tokenizer: Any, problems: Sequence[Any], task
     """
     if cfg is None or isinstance(cfg, dict):
         cfg = from_dict(GenerateConfig, cfg or {})
+    seed_index = list(range(len(problems)) if indices is None else indices)
+    if len(seed_index) != len(problems):
+        raise ConfigError(f"generate_best_of_n: {len(seed_index)} indices for {len(problems)} "
+                          f"problems; pass one global index per problem (or none)")
     if cfg.score and not hasattr(model, "head_logits_from_hidden"):
         raise ConfigError(
             f"generate_best_of_n: scoring needs a ReflectiveModel (got {type(model).__name__}); "
@@ -329,7 +337,8 @@ def generate_best_of_n(model: Any, tokenizer: Any, problems: Sequence[Any], task
     n_tok, done, t_all = 0, 0, time.perf_counter()
 
     def seed_of(pi: int) -> torch.Generator:
-        return torch.Generator(device="cpu").manual_seed(int(cfg.seed) * 1_000_003 + pi)
+        return torch.Generator(device="cpu").manual_seed(int(cfg.seed) * 1_000_003
+                                                         + int(seed_index[pi]))
 
     try:
         for batch in batches:

@@ -292,8 +292,10 @@ def evaluate_tts(cfg: StudyConfig, trained: Trained | Any, tokenizer, *, task=No
                  split: str | None = None, log: bool = True) -> Evaluation:
     """Sample ``k_max`` trajectories per held-out problem, score them in flight,
     and build the metric table (accuracy vs k per selector with CIs, AUROC,
-    ECE, step F1 with the threshold chosen on validation)."""
+    ECE, step F1 with the threshold chosen on validation). Under ``accelerate launch``
+    the problems are sharded across the processes (:func:`evaluate_held_out`)."""
     from .held_out import evaluate_held_out
+    from .shard import is_main_process
     from .tasks import get_task
     from .tasks.prompts import apply_prompt_format
 
@@ -308,7 +310,7 @@ def evaluate_tts(cfg: StudyConfig, trained: Trained | Any, tokenizer, *, task=No
         val_config=cfg.generate_config(cfg.val_k, seed_offset=7919), scorer=scorer,
         aggregator=cfg.aggregator, seed=cfg.seed, log=log)
     test = ev.test
-    if log:
+    if log and is_main_process():   # under accelerate launch: process 0 logs (shard.py)
         log_trajectory_view(test, tokenizer, aggregator=cfg.aggregator, read_at=cfg.read_at)
     return ev
 
