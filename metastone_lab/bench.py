@@ -5,8 +5,8 @@ lines and, as its **last line**, one JSON object with the figures.
 
 ``bench inference`` (:func:`cli_inference`) - best-of-N generation with in-flight
 SPRM scoring. All baselines run in the same process, on the same prompts, after a
-warm-up, in ``--repeats`` interleaved rounds (every path once per round,
-:func:`interleaved_runs`). Each ratio below is computed per round from the two
+warm-up, in ``--repeats`` interleaved rounds (every path once per round, prompt by
+prompt: A B C on prompt 1, C B A on prompt 2, ...; :func:`interleaved_runs`). Each ratio below is computed per round from the two
 paths that ran side by side; the JSON gives its median (the headline key) and, under
 ``ratios``, its median, min and max over the rounds:
 
@@ -29,7 +29,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 from . import cli_help
 
 
@@ -40,24 +40,40 @@ def _peak_rss_gib() -> float:
     return r / (1024 ** 3) if sys.platform == "darwin" else r / (1024 ** 2)
 
 
-def interleaved_runs(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
-                     ) -> dict[str, dict[str, list[float]]]:
+def interleaved_runs(fns: dict[str, Callable[[], Any] | Sequence[Callable[[], Any]]],
+                     repeats: int, warmup: int) -> dict[str, dict[str, list[float]]]:
     """Wall and process-CPU seconds of every run of each fn: ``warmup`` untimed rounds,
-    then ``repeats`` timed rounds, each running every fn once. The order snakes
-    (A B C, C B A, A B C, ...) so that load drift on a shared machine hits all alike
-    and the paths compared in one ratio run next to each other in every round.
+    then ``repeats`` timed rounds, each running every fn once.
+
+    A fn may be a list of parts (e.g. one per prompt): a round then runs part j of
+    every fn before part j + 1, and a fn's time in the round is the sum of its parts,
+    so the paths compared in one ratio run next to each other at a fine grain. The
+    order snakes (A B C, C B A, ...) from one part (or round) to the next, so that
+    load drift on a shared machine hits all alike.
     Returns ``{name: {"wall": [s] * repeats, "cpu": [s] * repeats}}``."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    runs: dict[str, dict[str, list[float]]] = {n: {"wall": [], "cpu": []} for n in fns}
+    parts = {n: list(f) if isinstance(f, (list, tuple)) else [f] for n, f in fns.items()}
+    depth = max(len(p) for p in parts.values())
     names = list(fns)
-    for r in range(repeats):
-        for n in (names if r % 2 == 0 else names[::-1]):
-            w0, c0 = time.perf_counter(), time.process_time()
-            fns[n]()
-            runs[n]["cpu"].append(time.process_time() - c0)
-            runs[n]["wall"].append(time.perf_counter() - w0)
+    for _ in range(warmup):
+        for p in parts.values():
+            for fn in p:
+                fn()
+    runs: dict[str, dict[str, list[float]]] = {n: {"wall": [], "cpu": []} for n in fns}
+    turn = 0
+    for _ in range(repeats):
+        wall = dict.fromkeys(names, 0.0)
+        cpu = dict.fromkeys(names, 0.0)
+        for j in range(depth):
+            for n in (names if turn % 2 == 0 else names[::-1]):
+                if j < len(parts[n]):
+                    w0, c0 = time.perf_counter(), time.process_time()
+                    parts[n][j]()
+                    cpu[n] += time.process_time() - c0
+                    wall[n] += time.perf_counter() - w0
+            turn += 1
+        for n in names:
+            runs[n]["wall"].append(wall[n])
+            runs[n]["cpu"].append(cpu[n])
     return runs
 
 
@@ -173,42 +189,46 @@ def run_inference_bench(args: argparse.Namespace, log: Callable[[str], None] = p
 
     finished: list[list[list[int]]] = []
 
-    def ours(cfg: G.GenerateConfig, keep: bool = False) -> None:
-        gen = torch.Generator().manual_seed(args.seed)
-        for pids in prompt_ids:
-            chunks = G.decode_chunks(model, pids, cfg, eos=eos, pad_id=pad, generator=gen)
-            for ch in chunks:
-                if cfg.score:   # step mask + head readout + trajectory scores count as scoring
-                    mask = G.finish_chunk(model, ch, tok, cfg, len(pids))
-                    G._trajectory_scores(ch.head, mask, aggs)
-                    torch.sigmoid(ch.head[mask])
-                if keep:
-                    finished.append([ch.ids[r, :int(ch.lengths[r])].tolist()
-                                     for r in range(ch.ids.shape[0])])
+    def ours(cfg: G.GenerateConfig, j: int, keep: bool = False) -> None:
+        pids = prompt_ids[j]   # prompt j from its own generator (all rows run T tokens)
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + j)
+        for ch in G.decode_chunks(model, pids, cfg, eos=eos, pad_id=pad, generator=gen):
+            if cfg.score:   # step mask + head readout + trajectory scores count as scoring
+                mask = G.finish_chunk(model, ch, tok, cfg, len(pids))
+                G._trajectory_scores(ch.head, mask, aggs)
+                torch.sigmoid(ch.head[mask])
+            if keep:
+                finished.append([ch.ids[r, :int(ch.lengths[r])].tolist()
+                                 for r in range(ch.ids.shape[0])])
 
     # P5 first: peak RSS of our scored BoN, before any baseline touches memory
-    ours(cfg_score)
+    for j in range(len(prompt_ids)):
+        ours(cfg_score, j)
     peak = _peak_rss_gib()
-    ours(cfg_plain, keep=True)
+    for j in range(len(prompt_ids)):
+        ours(cfg_plain, j, keep=True)
 
-    def reforward() -> None:
-        for pids, seqs in zip(prompt_ids, finished):
-            G.reforward_scores(model, tok, seqs, segmenter=args.segmenter,
-                               prompt_lens=[len(pids)] * len(seqs), batch_size=k, pad_id=pad)
+    def reforward(j: int) -> None:
+        G.reforward_scores(model, tok, finished[j], segmenter=args.segmenter,
+                           prompt_lens=[len(prompt_ids[j])] * len(finished[j]), batch_size=k,
+                           pad_id=pad)
 
-    def hf() -> None:
-        torch.manual_seed(args.seed)
+    def hf(j: int) -> None:
+        torch.manual_seed(args.seed * 1_000_003 + j)
         with torch.inference_mode():
-            for pids in prompt_ids:
-                lm.generate(input_ids=torch.tensor([pids]), do_sample=True,
-                            temperature=args.temperature, top_p=args.top_p, top_k=0,
-                            num_return_sequences=k, max_new_tokens=T, min_new_tokens=T,
-                            pad_token_id=pad)
+            lm.generate(input_ids=torch.tensor([prompt_ids[j]]), do_sample=True,
+                        temperature=args.temperature, top_p=args.top_p, top_k=0,
+                        num_return_sequences=k, max_new_tokens=T, min_new_tokens=T,
+                        pad_token_id=pad)
 
-    fns = {"ours_plain": lambda: ours(cfg_plain), "ours_scored": lambda: ours(cfg_score),
-           f"ours_scored_{other}": lambda: ours(cfg_other), "reforward": reforward}
+    def per_prompt(fn: Callable[..., None], *a: Any) -> list[Callable[[], None]]:
+        # one part per prompt: the paths alternate prompt by prompt (interleaved_runs)
+        return [lambda j=j: fn(*a, j) for j in range(len(prompt_ids))]
+
+    fns = {"ours_plain": per_prompt(ours, cfg_plain), "ours_scored": per_prompt(ours, cfg_score),
+           f"ours_scored_{other}": per_prompt(ours, cfg_other), "reforward": per_prompt(reforward)}
     if not args.skip_hf:
-        fns["hf_generate"] = hf
+        fns["hf_generate"] = per_prompt(hf)
     runs = interleaved_runs(fns, args.repeats, args.warmup)
     t = run_medians(runs)
     c = args.clock
