@@ -117,11 +117,15 @@ def _check(trajectories: Sequence[Any]) -> None:
 
 
 #: Two scores closer than this many float32 units in the last place (of the larger
-#: magnitude) are a tie. The scores and signals come from float32 forwards whose
-#: reduction order (the torch thread count, the BLAS kernel, the machine) moves each
-#: value by a few ulps, so a gap of a few ulps is rounding, not a preference: 16 ulps
-#: (relative 16 * 2**-23 = 1.9e-6) covers a handful of rounded reductions with room.
-#: Measured (issue 16 §8): 1 vs 2 threads moved a DeepConf near tie by 8.9e-8.
+#: magnitude) are a tie. Scores and signals are computed from float32 values, so a gap
+#: below a few float32 ulps is not a preference the model expressed: it is rounding,
+#: and rounding moves with the reduction order (torch thread count, BLAS kernel,
+#: machine). Measured (issue 16 §8, 500 problems x 32, 1 vs 2 threads): two DeepConf
+#: lowest-window means of different windows tied exactly on 1 thread and differed by
+#: 0.03 ulps on 2, which flipped a pick; 16 ulps (relative 1.9e-6) makes such a pair a
+#: tie on both. It does not absorb every movement: single values moved by up to 40 ulps
+#: (mean log-prob) and 220 ulps (SPRM score) there, so a real gap smaller than that can
+#: still flip a pick (none did on those 500 problems).
 TIE_ULPS = 16
 _F32_EPS = 2.0 ** -23
 

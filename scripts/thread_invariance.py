@@ -3,7 +3,9 @@
 Samples the quickstart's test problems from one trained checkpoint with N torch threads
 and writes every sample's tokens, SPRM score and self-signals to a JSON file; ``compare``
 then reads two such files and prints, per selector, on how many problems the pick
-differs, and for each differing pick the gap between the two candidates' values.
+differs (with exact ties only, and with metastone_lab.select's rule that a
+rounding-sized gap is a tie), and for each differing pick the gap between the two
+candidates' values.
 
     python scripts/thread_invariance.py sample CKPT --threads 1 --out /tmp/t1.json
     python scripts/thread_invariance.py sample CKPT --threads 2 --out /tmp/t2.json
@@ -46,12 +48,19 @@ def sample(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {len(rows)} problems, {torch.get_num_threads()} threads")
 
 
-def _pick(values: list[float]) -> int:
+def _pick_exact(values: list[float]) -> int:
     best = 0
-    for i, v in enumerate(values):      # lowest index on ties, as metastone_lab.select
+    for i, v in enumerate(values):      # lowest index on exact ties only
         if v > values[best]:
             best = i
     return best
+
+
+def _pick(values: list[float]) -> int:
+    """The library's argmax (metastone_lab.select: rounding-sized gaps tie)."""
+    from metastone_lab.select import _argmax
+
+    return _argmax(values)
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -60,6 +69,20 @@ def compare(args: argparse.Namespace) -> None:
     same_tokens = all([t["ids"] for t in pa] == [t["ids"] for t in pb]
                       for pa, pb in zip(a["problems"], b["problems"]))
     print(f"identical sampled tokens: {same_tokens}")
+    worst = 0.0
+    for pa, pb in zip(a["problems"], b["problems"]):
+        for ta, tb in zip(pa, pb):
+            for key in ("mean_logprob", "self_certainty", "deepconf"):
+                x, y = ta["signals"][key], tb["signals"][key]
+                if x != y and abs(x) != float("inf"):
+                    worst = max(worst, abs(x - y) / max(abs(x), abs(y)))
+    print(f"largest relative difference of a trajectory signal between the runs: {worst:.3g}")
+    for rule, pick in (("exact ties", _pick_exact), ("select's tie rule", _pick)):
+        print(f"-- picks with {rule}")
+        _compare_picks(a, b, pick)
+
+
+def _compare_picks(a: dict, b: dict, _pick) -> None:
     for key in ("sprm", "mean_logprob", "self_certainty", "deepconf"):
         diffs = []
         for n, (pa, pb) in enumerate(zip(a["problems"], b["problems"])):
