@@ -13,7 +13,11 @@ written by the same config (every field but the bookkeeping ones; ``steps`` may
 grow); otherwise it stops with a ConfigError naming the differing keys. ``--fresh``
 starts over, moving the existing checkpoints to ``output_dir/superseded-<time>/``.
     python -m metastone_lab.train --config cfg.yaml
-    accelerate launch --cpu --num_processes 2 -m metastone_lab.train --config cfg.yaml
+    accelerate launch --multi_gpu --num_processes 2 -m metastone_lab.train --config cfg.yaml
+
+(on a CUDA-less machine ``--multi_gpu`` gives 2 gloo CPU ranks; accelerate's
+``--cpu --num_processes 2`` starts one process unless mpirun is set up, see
+experiments/accelerate/README.md)
 """
 from __future__ import annotations
 
