@@ -18,6 +18,8 @@ paths that ran side by side; the JSON gives its median (the headline key) and, u
   our scored BoN time at the same k and the same sampled length (both forced to
   exactly ``max_new_tokens``: ``min_new_tokens`` for HF, ``ignore_eos`` for ours).
   Goal >= 1.5.
+* ``a_a_control`` = the unscored decode / itself, run again in the same rounds: its
+  spread (under ``ratios``) is the noise floor of every ratio here on this machine.
 * ``p5_peak_rss_gib`` = peak RSS (``ru_maxrss``) of the process after our BoN at
   k, measured before the HF / re-forward baselines run. Goal <= 2 GiB.
 """
@@ -225,7 +227,10 @@ def run_inference_bench(args: argparse.Namespace, log: Callable[[str], None] = p
         # one part per prompt: the paths alternate prompt by prompt (interleaved_runs)
         return [lambda j=j: fn(*a, j) for j in range(len(prompt_ids))]
 
+    # ours_plain_again: the unscored path once more, an A/A control whose per-round
+    # ratio to ours_plain (ideally 1) shows the measurement's own noise on this machine
     fns = {"ours_plain": per_prompt(ours, cfg_plain), "ours_scored": per_prompt(ours, cfg_score),
+           "ours_plain_again": per_prompt(ours, cfg_plain),
            f"ours_scored_{other}": per_prompt(ours, cfg_other), "reforward": per_prompt(reforward)}
     if not args.skip_hf:
         fns["hf_generate"] = per_prompt(hf)
@@ -235,6 +240,7 @@ def run_inference_bench(args: argparse.Namespace, log: Callable[[str], None] = p
     pairs = {"p1_scoring_overhead": ("ours_scored", "ours_plain"),
              f"p1_scoring_overhead_{other}": (f"ours_scored_{other}", "ours_plain"),
              "reforward_overhead": ("reforward", "ours_plain"),
+             "a_a_control": ("ours_plain_again", "ours_plain"),
              "p2_hf_generate_over_ours": ("hf_generate", "ours_scored")}
     stats = {n: ratio_stats(runs, a, b, c) for n, (a, b) in pairs.items()}
 
@@ -350,13 +356,17 @@ def run_train_bench(args: argparse.Namespace, log: Callable[[str], None] = print
         log(f"bench train: backbone={args.backbone} batch={len(batch)}x{batch.input_ids.shape[1]}"
             f" tokens={tokens} response_tokens={batch.n_response_tokens} "
             f"pass_rate={float(batch.correct.float().mean()):.3f} threads={torch.get_num_threads()}")
-        fns = {"joint": lambda: t.update(batch), "policy": lambda: t.update(batch, policy_only=True)}
+        # policy_again: an A/A control (the policy-only step once more), whose per-round
+        # ratio to policy (ideally 1) is the noise floor of the ratio on this machine
+        fns = {"joint": lambda: t.update(batch), "policy": lambda: t.update(batch, policy_only=True),
+               "policy_again": lambda: t.update(batch, policy_only=True)}
         runs = interleaved_runs(fns, args.repeats, args.warmup)
     med = run_medians(runs)
     joint, policy = med["joint"]["wall"], med["policy"]["wall"]
     stats = ratio_stats(runs, "joint", "policy", "wall")
     res = {"joint_step_s": round(joint, 5), "policy_step_s": round(policy, 5),
            "ratio": stats["median"], "ratio_stats": stats,
+           "a_a_control": ratio_stats(runs, "policy_again", "policy", "wall"),
            "tokens_per_s": round(tokens / joint, 1),
            "tokens": tokens, "batch": len(batch), "backbone": args.backbone,
            "repeats": args.repeats, "warmup": args.warmup, "threads": torch.get_num_threads(),

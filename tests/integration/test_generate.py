@@ -331,6 +331,8 @@ def test_bench_inference_cli_prints_json_last(capsys):
     assert res["k"] == 2 and res["p1_scoring_overhead"] > 0 and res["p5_peak_rss_gib"] > 0
     st = res["ratios"]["p1_scoring_overhead"]       # per-round ratios: median within min, max
     assert st["median"] == res["p1_scoring_overhead"] and st["min"] <= st["median"] <= st["max"]
+    aa = res["ratios"]["a_a_control"]                # the noise floor: the plain path vs itself
+    assert aa["min"] <= aa["median"] <= aa["max"] and aa["min"] > 0
 
 
 # ------------------------------------------------------- training-free self-signals

@@ -309,6 +309,8 @@ def test_bench_train_prints_json_last_line(micro, capsys):
     st = res["ratio_stats"]
     assert res["ratio"] == st["median"] and st["min"] <= st["median"] <= st["max"]
     assert st["min"] > 0
+    aa = res["a_a_control"]                           # the noise floor: policy step vs itself
+    assert aa["min"] <= aa["median"] <= aa["max"] and aa["min"] > 0
 
 
 def test_aha_onset_is_logged_as_metric_and_tag(micro, tmp_path, monkeypatch):
