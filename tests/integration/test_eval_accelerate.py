@@ -15,30 +15,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from pandas.testing import assert_frame_equal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _launch import accelerate_cli  # noqa: E402
 from _accel_worker import make_micro  # noqa: E402
 from _eval_worker import WORKLOAD  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "_eval_worker.py"
-
-
-def _accelerate() -> list[str]:
-    exe = Path(sys.executable).with_name("accelerate")
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("accelerate")
-    if not found:
-        pytest.skip("the accelerate CLI is not installed")
-    return [found]
 
 
 def _env() -> dict:
@@ -72,7 +61,7 @@ def test_two_process_evaluation_equals_single_process(tmp_path):
                   tmp_path / "one", 1)[0]
     # accelerate 1.x: `launch --cpu --num_processes 2` starts ONE process; --multi_gpu
     # spawns 2 torchrun workers, which are gloo CPU ranks on a machine without CUDA
-    dp = _run(_accelerate() + ["launch", "--multi_gpu", "--num_processes", "2",
+    dp = _run(accelerate_cli() + ["launch", "--multi_gpu", "--num_processes", "2",
                                "--num_machines", "1", "--main_process_port", "0",
                                "--mixed_precision", "no", "--dynamo_backend", "no",
                                str(WORKER), str(micro), str(tmp_path / "two")],

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import warnings
@@ -24,6 +23,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _launch import accelerate_cli  # noqa: E402
 from _accel_worker import fixed_batch, make_micro, make_trainer, one_step  # noqa: E402
 from _tolerance import (assert_within_rounding, head_terms, llama_terms,  # noqa: E402
                         rounding_bound)
@@ -31,22 +31,12 @@ from _tolerance import (assert_within_rounding, head_terms, llama_terms,  # noqa
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _accelerate() -> list[str]:
-    exe = Path(sys.executable).with_name("accelerate")
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("accelerate")
-    if not found:
-        pytest.skip("the accelerate CLI is not installed")
-    return [found]
-
-
 def _launch(micro: Path, out: Path, norm: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     # accelerate 1.15: `launch --cpu --num_processes 2` on one machine starts ONE process
     # (multi-CPU needs mpirun + a hostfile). `--multi_gpu` spawns 2 torchrun workers; the
     # worker's Accelerator(cpu=True) makes them CPU ranks on the gloo backend.
-    cmd = _accelerate() + ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+    cmd = accelerate_cli() + ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
                            "1", "--main_process_port", "0", "--mixed_precision", "no",
                            "--dynamo_backend", "no", str(REPO / "tests" / "_accel_worker.py"),
                            str(micro), str(out), norm]
