@@ -193,7 +193,7 @@ def run_inference_bench(args: argparse.Namespace, log: Callable[[str], None] = p
 
     def ours(cfg: G.GenerateConfig, j: int, keep: bool = False) -> None:
         pids = prompt_ids[j]   # prompt j from its own generator (all rows run T tokens)
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + j)
+        gen = G.problem_generator(args.seed, j)
         for ch in G.decode_chunks(model, pids, cfg, eos=eos, pad_id=pad, generator=gen):
             if cfg.score:   # step mask + head readout + trajectory scores count as scoring
                 mask = G.finish_chunk(model, ch, tok, cfg, len(pids))

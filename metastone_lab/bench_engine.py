@@ -128,7 +128,7 @@ def run_engine_bench(args: argparse.Namespace, log: Callable[[str], None] = prin
         f"repeats={args.repeats} clock={args.clock}")
 
     def gens(idx):
-        return [torch.Generator().manual_seed(args.seed * 1_000_003 + i) for i in idx]
+        return [G.problem_generator(args.seed, i) for i in idx]
 
     def finish(ch, P, cfg) -> None:   # step mask + head readout + trajectory scores
         if cfg.score:

@@ -278,6 +278,12 @@ def _check_context(model: Any, prompt_len: int, cfg: GenerateConfig, pid: Any) -
 
 
 # ------------------------------------------------------------------ public API
+def problem_generator(seed: int, index: int) -> torch.Generator:
+    """The CPU generator problem ``index`` of a call samples from, seeded
+    ``seed * 1_000_003 + index`` (independent of its batch)."""
+    return torch.Generator(device="cpu").manual_seed(int(seed) * 1_000_003 + int(index))
+
+
 def generate_best_of_n(model: Any, tokenizer: Any, problems: Sequence[Any], task: Any,
                        cfg: GenerateConfig | dict | None = None, *,
                        indices: Sequence[int] | None = None) -> list[ProblemSamples]:
@@ -337,8 +343,7 @@ def generate_best_of_n(model: Any, tokenizer: Any, problems: Sequence[Any], task
     n_tok, done, t_all = 0, 0, time.perf_counter()
 
     def seed_of(pi: int) -> torch.Generator:
-        return torch.Generator(device="cpu").manual_seed(int(cfg.seed) * 1_000_003
-                                                         + int(seed_index[pi]))
+        return problem_generator(cfg.seed, seed_index[pi])
 
     try:
         for batch in batches:
@@ -505,5 +510,5 @@ __all__ = [
     "GenerateConfig", "Trajectory", "ProblemSamples", "generate_best_of_n", "reforward_scores",
     "evaluate", "sample_next", "decode_chunks", "BACKENDS", "generate_best_of_n_vllm",
     "DEFAULT_EFFORT_MAP", "pad_right", "token_stats", "trajectory_signals", "SIGNALS",
-    "resolve_head_mode",
+    "resolve_head_mode", "problem_generator",
 ]
