@@ -28,7 +28,7 @@ from typing import Any, Sequence
 from .errors import ConfigError
 from .io_utils import atomic_dir, atomic_write_json, atomic_write_text
 
-VERSION = 1
+VERSION = 2   # 2: inverse-CDF sampling (sampling.draw) replaced torch.multinomial
 #: StudyConfig fields that only change how scored trajectories are *read*, never
 #: how they are produced: excluded from the key.
 READ_ONLY_FIELDS = ("aggregator", "output_dir", "cache_dir")

@@ -30,7 +30,10 @@ Conventions, shared by every caller:
 * **EOS**: :func:`eos_ids` (the tokenizer's EOS plus the model's
   ``generation_config.eos_token_id``). A row ends at its first EOS id, which is
   kept as its last token; finished rows leave the batch (``batch_select_indices``)
-  and cost nothing more. ``ignore_eos`` (benchmarks) always decodes
+  and cost nothing more.
+* **KV cache**: a ``DynamicCache`` gets room for every new position up front
+  (:func:`metastone_lab.kv_cache.reserve`), written in place instead of grown by
+  ``torch.cat`` each step. ``ignore_eos`` (benchmarks) always decodes
   ``max_new_tokens``.
 * **Padding**: prompts of one length need none; prompts of different lengths are
   left-padded, with an attention mask and explicit positions (:func:`pad_left`).
@@ -46,6 +49,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+
+from . import kv_cache
 
 #: ``on_token(t, rows, tokens, logits, top_idx)`` after step ``t`` sampled ``tokens`` (n,)
 #: for the batch rows ``rows`` (n,) from ``logits`` (n, V); ``top_idx`` (n, K) or None:
@@ -164,7 +169,7 @@ def sample_next_with_top(logits: torch.Tensor, temperature: float, top_p: float,
         return logits.argmax(dim=-1), None
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p >= 1.0:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1), None
+        return draw(probs, generator), None
     V = probs.shape[-1]
     K = min(max(1, probe), V)
     while True:
@@ -174,8 +179,36 @@ def sample_next_with_top(logits: torch.Tensor, temperature: float, top_p: float,
         K = V
     drop = (vals.cumsum(-1) - vals) >= top_p
     vals = vals.masked_fill(drop, 0.0)
-    choice = torch.multinomial(vals, 1, generator=generator)
-    return idx.gather(-1, choice).squeeze(-1), idx
+    choice = draw(vals, generator)                              # (R,) in 0..K-1
+    return idx.gather(-1, choice[:, None]).squeeze(-1), idx
+
+
+def draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of ``weights`` (R, V) (non-negative, rows need not sum to 1),
+    drawn with probability proportional to its weight: inverse-CDF sampling, one
+    uniform number per row from ``generator`` (None: torch's global RNG).
+
+    The same distribution as ``torch.multinomial(weights, 1)``, ~35x faster on CPU
+    at a 49k vocabulary (measured 0.27 vs 9.6 ms for 8 rows, 3.9 vs 152 ms for 128:
+    multinomial was the largest single cost of best-of-N decoding at top_p 1). A
+    zero-weight index is never drawn: the target is kept strictly below the row's
+    total, and the first index whose running sum exceeds it adds a positive weight.
+    The running sum is a sequential per-row scan, so the draw does not depend on
+    the thread count.
+    """
+    cdf = weights.float().cumsum(-1)                                        # (R, V)
+    total = cdf[:, -1:]                                                     # (R, 1)
+    u = torch.rand(total.shape, generator=generator, dtype=cdf.dtype, device=cdf.device)
+    return pick_by_cdf(cdf, u)
+
+
+def pick_by_cdf(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The index (R,) whose CDF interval holds ``u`` (R, 1) in [0, 1) of each row's
+    total mass: the first j with ``cdf[r, j] > u[r] * total[r]`` (``cdf`` (R, V) a
+    non-decreasing running sum). Split out of :func:`draw` to test its edges."""
+    total = cdf[:, -1:]
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
 # ----------------------------------------------------------------- the loop
@@ -266,21 +299,29 @@ class Decoded:
 
 @torch.inference_mode()
 def prefill(model: Any, prompts: Sequence[Sequence[int]], *, pad_id: int = 0,
-            output_hidden_states: bool = False) -> tuple[State, Any]:
+            output_hidden_states: bool = False, cache: Any = None) -> tuple[State, Any]:
     """One forward over ``prompts`` (token id lists) -> (:class:`State`, the output).
 
     Prompts of one length are stacked as they are (no mask: the cache's own
     positions); otherwise they are left-padded (:func:`pad_left`). Only the last
     position's logits are computed (``logits_to_keep=1``). The output is returned
     for callers that read the prompt's hidden states (``output_hidden_states``).
+
+    ``cache``: continue an earlier prefill of the same rows (the prompts are then the
+    next positions, all of one length, and the cache is updated in place); the
+    block prefill of :func:`metastone_lab.prefix_cache.prefill_prompt` uses it.
     """
     backbone = base_model(model)
     device = device_of(backbone)
     if len({len(p) for p in prompts}) == 1:
         ids = torch.tensor([list(p) for p in prompts], dtype=torch.long, device=device)
+        kw = {} if cache is None else {cache_kwarg(backbone): cache}
         out = backbone(input_ids=ids, use_cache=True, output_hidden_states=output_hidden_states,
-                       logits_to_keep=1)
+                       logits_to_keep=1, **kw)
         return State(output_cache(out), out.logits[:, -1, :]), out
+    if cache is not None:
+        raise ValueError("prefill(cache=...) continues rows of one length; got prompt lengths "
+                         f"{sorted({len(p) for p in prompts})}")
     ids, attn, pos = pad_left(prompts, pad_id, device)
     out = backbone(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
                    output_hidden_states=output_hidden_states, logits_to_keep=1)
@@ -311,6 +352,8 @@ def decode(model: Any, state: State, *, max_new_tokens: int, eos: set[int], pad_
     backbone = base_model(model)
     cache_kw = cache_kwarg(backbone)
     logits, cache = state.logits, state.cache
+    # room for every position still to come, written in place (no torch.cat per step)
+    kv_cache.reserve(cache, max_new_tokens + 1)
     attn, pos = state.attention_mask, state.position
     R, T, device = logits.shape[0], max_new_tokens, logits.device
     tokens = torch.full((R, T), pad_id, dtype=torch.long, device=device)
@@ -416,5 +459,5 @@ def sample(model: Any, prompts: Sequence[Sequence[int]], *, n: int = 1, max_new_
 
 
 __all__ = ["encode_prompt", "eos_ids", "pad_id_for", "cache_kwarg", "output_cache",
-           "pad_right", "pad_left", "sample_next", "sample_next_with_top", "State", "Decoded",
+           "pad_right", "pad_left", "draw", "pick_by_cdf", "sample_next", "sample_next_with_top", "State", "Decoded",
            "prefill", "decode", "sample", "merge_states"]

@@ -175,3 +175,37 @@ def test_merge_states_pads_the_cache_on_the_left():
     assert torch.equal(keys[1:, :, 2:], kb) and keys[1:, :, :2].eq(0).all()
     assert m.attention_mask.tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]]
     assert m.position.tolist() == [[3], [1]]
+
+
+def test_draw_matches_the_weights_in_frequency():
+    # 40k draws from one fixed distribution: every empirical frequency within 5
+    # standard errors of its probability (a wrong CDF index or an off-by-one is far out)
+    w = torch.tensor([0.0, 0.1, 0.0, 0.4, 0.2, 0.3, 0.0])
+    g = torch.Generator().manual_seed(0)
+    n = 40_000
+    ids = sampling.draw(w.expand(n, -1), g)                        # (n,)
+    freq = torch.bincount(ids, minlength=len(w)).double() / n
+    se = (w.double() * (1 - w.double()) / n).sqrt()
+    assert bool((freq[w == 0] == 0).all())                         # never a zero weight
+    assert bool(((freq - w.double()).abs() <= 5 * se + 1e-12).all()), freq
+
+
+def test_draw_never_picks_a_zero_weight_at_the_uniform_edges():
+    # zero weight first and last (a large vocabulary's softmax underflows to 0);
+    # u = 0 and the largest float32 below 1 are the two edges of torch.rand
+    w = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0, 0.0]])
+    cdf = w.cumsum(-1)
+    u_max = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0))
+    for u, want in ((0.0, 1), (0.25, 3), (float(u_max), 3)):
+        assert int(sampling.pick_by_cdf(cdf, torch.tensor([[u]]))) == want
+    # u * total == total (u = 1, outside torch.rand's range, stands in for a rounding
+    # up): the target is kept below the total, so still the last positive weight
+    assert int(sampling.pick_by_cdf(cdf, torch.tensor([[1.0]]))) == 3
+
+
+def test_draw_is_seeded_by_its_generator_and_unnormalised_weights_are_fine():
+    w = torch.rand(16, 50, generator=torch.Generator().manual_seed(1))
+    a = sampling.draw(w, torch.Generator().manual_seed(7))
+    b = sampling.draw(w * 3.0, torch.Generator().manual_seed(7))   # scale does not matter
+    assert torch.equal(a, b)
+    assert not torch.equal(a, sampling.draw(w, torch.Generator().manual_seed(8)))

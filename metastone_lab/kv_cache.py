@@ -1,0 +1,119 @@
+"""A KV cache with room reserved for the tokens still to be decoded.
+
+transformers' ``DynamicLayer`` grows by ``torch.cat`` on every forward: each
+decode step copies the whole cache of every layer once more. At the batched
+engine's shapes this dominates decoding (SmolLM2-135M, 128 rows x ~230
+positions: ``aten::cat`` took 37% of the profiled time, more than the attention
+and MLP matmuls' share of it after them). :func:`reserve` swaps the layers of a
+``DynamicCache`` for :class:`ReservedLayer` s, which allocate
+``(B, H, capacity, D)`` once and write each new position in place; the model
+sees ``keys`` / ``values`` as views ``[:, :, :length]``, exactly the tensors a
+``DynamicLayer`` would hold, so attention computes the same numbers.
+
+Used by :func:`metastone_lab.sampling.decode` (``reserve_tokens``); nothing else
+changes for callers: the cache is still a ``DynamicCache``, and dropping rows
+(``batch_select_indices``) keeps the reserve.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+
+class ReservedLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys / values live in buffers ``(B, H, capacity, D)``.
+
+    ``keys`` / ``values`` are always the views ``buffer[:, :, :length]``; ``update``
+    copies the new ``(B, H, s, D)`` positions in place (doubling the buffer if it is
+    ever full, so a wrong reserve costs speed, never correctness).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+        super().__init__()
+        n = int(keys.shape[-2])
+        self._k = _alloc(keys, max(int(capacity), n))
+        self._v = _alloc(values, max(int(capacity), n))
+        self._k[:, :, :n] = keys
+        self._v[:, :, :n] = values
+        self._n = n
+        self.device = keys.device
+        self.is_initialized = True
+        self._views()
+
+    @property
+    def capacity(self) -> int:
+        return int(self._k.shape[-2])
+
+    def _views(self) -> None:
+        self.keys = self._k[:, :, :self._n]
+        self.values = self._v[:, :, :self._n]
+
+    def _grow(self, need: int) -> None:
+        cap = max(need, 2 * self.capacity)
+        k, v = _alloc(self._k, cap), _alloc(self._v, cap)
+        k[:, :, :self._n] = self.keys
+        v[:, :, :self._n] = self.values
+        self._k, self._v = k, v
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        s = int(key_states.shape[-2])
+        if self._n + s > self.capacity:
+            self._grow(self._n + s)
+        self._k[:, :, self._n:self._n + s] = key_states
+        self._v[:, :, self._n:self._n + s] = value_states
+        self._n += s
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._n
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._k = self._k.index_select(0, indices)
+        self._v = self._v.index_select(0, indices)
+        self._views()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._k = self._k.repeat_interleave(repeats, dim=0)
+        self._v = self._v.repeat_interleave(repeats, dim=0)
+        self._views()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got "
+                             f"{tokens_to_remove}")
+        self._n = max(0, self._n + int(tokens_to_remove))
+        self._views()
+
+    def reset(self) -> None:
+        self._n = 0
+        self._views()
+
+
+def _alloc(like: torch.Tensor, capacity: int) -> torch.Tensor:
+    """An uninitialised ``(B, H, capacity, D)`` buffer of ``like``'s dtype and device."""
+    B, H, _, D = like.shape
+    return like.new_empty(B, H, capacity, D)
+
+
+def reserve(cache: Any, extra_tokens: int) -> Any:
+    """Swap the plain ``DynamicLayer`` s of ``cache`` (a ``DynamicCache``) for
+    :class:`ReservedLayer` s with room for ``extra_tokens`` more positions, in place;
+    returns ``cache``. Caches of other kinds (sliding windows, static, quantised,
+    legacy tuples) and uninitialised layers are left as they are."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return cache
+    for i, layer in enumerate(layers):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4:
+            n = int(layer.keys.shape[-2])
+            layers[i] = ReservedLayer(layer.keys, layer.values, n + int(extra_tokens))
+        elif isinstance(layer, ReservedLayer) and layer.capacity < layer._n + extra_tokens:
+            layer._grow(layer._n + int(extra_tokens))
+    return cache
+
+
+__all__ = ["ReservedLayer", "reserve"]

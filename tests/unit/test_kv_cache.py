@@ -1,0 +1,71 @@
+"""metastone_lab.kv_cache: a reserved-capacity KV layer computes what DynamicLayer does."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from metastone_lab import kv_cache, sampling
+
+
+def _tiny_llama(vocab=40):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      eos_token_id=1, pad_token_id=0, bos_token_id=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_reserved_layer_update_select_repeat_crop_match_dynamic_layer():
+    g = torch.Generator().manual_seed(0)
+    k0, v0 = (torch.randn(3, 2, 5, 4, generator=g) for _ in range(2))
+    dyn = DynamicLayer()
+    dyn.update(k0, v0)
+    res = kv_cache.ReservedLayer(k0, v0, capacity=7)
+    steps = [(torch.randn(3, 2, 1, 4, generator=g), torch.randn(3, 2, 1, 4, generator=g))
+             for _ in range(4)]                          # 5 + 4 > 7: the buffer must grow
+    for k, v in steps:
+        a, b = dyn.update(k, v), res.update(k, v)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert res.get_seq_length() == dyn.get_seq_length() == 9 and res.capacity >= 9
+    idx = torch.tensor([2, 0])
+    dyn.batch_select_indices(idx)
+    res.batch_select_indices(idx)
+    dyn.batch_repeat_interleave(2)
+    res.batch_repeat_interleave(2)
+    assert torch.equal(dyn.keys, res.keys) and torch.equal(dyn.values, res.values)
+    dyn.crop(-3)
+    res.crop(-3)
+    assert torch.equal(dyn.keys, res.keys) and res.get_seq_length() == 6
+    with pytest.raises(ValueError, match="negative"):
+        res.crop(2)
+
+
+@torch.inference_mode()
+def test_reserved_cache_gives_the_model_the_same_logits_as_a_dynamic_cache():
+    model = _tiny_llama()
+    ids = torch.tensor([[5, 9, 11, 30], [7, 8, 3, 4]])
+    out = model(input_ids=ids, use_cache=True)
+    kw = sampling.cache_kwarg(model)
+    plain = sampling.output_cache(out)
+    reserved = kv_cache.reserve(copy.deepcopy(plain), 3)
+    assert all(type(la) is kv_cache.ReservedLayer for la in reserved.layers)
+    assert isinstance(reserved, DynamicCache)
+    nxt = torch.tensor([[12], [13]])
+    for _ in range(5):                                   # past the reserve of 3: it grows
+        a = model(input_ids=nxt, use_cache=True, **{kw: plain})
+        b = model(input_ids=nxt, use_cache=True, **{kw: reserved})
+        torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-6)
+        plain, reserved = sampling.output_cache(a), sampling.output_cache(b)
+        nxt = a.logits[:, -1].argmax(-1, keepdim=True)
+    assert reserved.get_seq_length() == plain.get_seq_length() == 9
+
+
+def test_reserve_leaves_other_layers_and_empty_caches_alone():
+    assert kv_cache.reserve(None, 4) is None
+    c = DynamicCache()
+    assert kv_cache.reserve(c, 4) is c                   # no layers yet
