@@ -4,8 +4,10 @@
 batches of at most ``GenerateConfig.batch_rows`` rows (:func:`plan_batches`;
 a problem's k rows always share one batch). For one batch, :func:`decode_batch`:
 
-1. prefills each problem's prompt **once** (batch 1, unpadded: the same forward
-   as the per-problem path) and expands its cache to k rows (``State.repeat``);
+1. prefills each problem's prompt **once** (batch 1, unpadded, in blocks of
+   ``prefill_block`` positions: :func:`metastone_lab.prefix_cache.prefill_prompt`;
+   blocks shared with an earlier prompt of the call are taken from its store) and
+   expands its cache to k rows (``State.repeat``);
 2. joins the problems' states with :func:`metastone_lab.sampling.merge_states`:
    caches left-padded to the longest prompt P, an attention mask and per-row
    positions, so every row continues its own positions;
@@ -37,6 +39,7 @@ import torch
 from . import sampling
 from .errors import ConfigError, NumericsError
 from .generate_config import GenerateConfig
+from .prefix_cache import PrefixStore, prefill_prompt
 from .prefix_ties import PrefixTies, share_prefix_values
 from .token_signals import token_stats
 
@@ -120,13 +123,16 @@ def plan_batches(n_rows: Sequence[int], budget: int) -> list[list[int]]:
 def decode_batch(model: Any, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, *,
                  eos: set[int], pad_id: int,
                  generators: Sequence[torch.Generator | None],
-                 rows_per_prompt: int | None = None) -> list[Chunk]:
+                 rows_per_prompt: int | None = None,
+                 prefix_store: PrefixStore | None = None) -> list[Chunk]:
     """Decode k = ``rows_per_prompt`` (default ``cfg.k``) rows for each of the N
     ``prompts`` (token id lists) in one batch of N*k rows, ``generators[i]`` drawing
     problem i's samples; returns one :class:`Chunk` of k rows per prompt, in the
     per-problem layout (see the module docstring). ``model``: a ReflectiveModel (a
     bare causal LM when not scoring). One prompt decodes ungrouped on its generator
-    (the same draws, without the per-group split)."""
+    (the same draws, without the per-group split). ``prefix_store``: prompt blocks
+    already prefilled in this call (:mod:`metastone_lab.prefix_cache`; None: a store
+    for this batch only)."""
     device = sampling.device_of(sampling.base_model(model))
     score, T = cfg.score, cfg.max_new_tokens
     k = cfg.k if rows_per_prompt is None else int(rows_per_prompt)
@@ -144,21 +150,22 @@ def decode_batch(model: Any, prompts: Sequence[Sequence[int]], cfg: GenerateConf
     stats = cfg.capture_token_stats or conf_head
 
     states, head, feats = [], None, None
+    store = PrefixStore() if prefix_store is None else prefix_store
     for i, p in enumerate(prompts):
-        st, out = sampling.prefill(model, [p], output_hidden_states=score)
+        st, h = prefill_prompt(model, p, block=cfg.prefill_block, store=store,
+                               feature_layer=fl if score else None)             # h (P_i, C)
         check_finite(st.logits, lens[i])
         rows = slice(i * k, (i + 1) * k)
         if mode == "per_step":
             if head is None:
                 head = torch.full((R, W), float("nan"), dtype=torch.float32, device=device)
-            head[rows, P - lens[i]:P] = model.head_logits_from_hidden(out.hidden_states)[0]
+            head[rows, P - lens[i]:P] = model.head_logits(h)
         elif mode == "deferred":
-            h = out.hidden_states[fl][0]                                        # (P_i, C)
             if feats is None:
                 feats = torch.full((R, W, h.shape[-1]), float("nan"), dtype=h.dtype,
                                    device=device)                              # (R, W, C)
             feats[rows, P - lens[i]:P] = h
-        del out
+        del h
         states.append(st.repeat(k))
     start = sampling.merge_states(states)
     del states

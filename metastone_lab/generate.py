@@ -68,6 +68,7 @@ from .engine import decode_batch, place_model, plan_batches
 from .engine import resolve_head_mode  # re-exported (bench, tests): see __all__
 from .evaluation import evaluate
 from .generate_config import DEFAULT_EFFORT_MAP, GenerateConfig
+from .prefix_cache import PrefixStore
 from .prefix_ties import PrefixTies, share_prefix_values
 from .registry import Registry
 from .sampling import encode_prompt, pad_right, sample_next
@@ -129,7 +130,7 @@ def _context_len(model: Any) -> int | None:
 # -------------------------------------------------------------- core decoding
 def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
                   eos: set[int], pad_id: int, generator: torch.Generator | None = None,
-                  ) -> list[_Chunk]:
+                  prefix_store: Any = None) -> list[_Chunk]:
     """One problem at a time (``max_batch_rows: 0``): its ``cfg.k`` rows in chunks of
     at most ``cfg.rows_per_chunk`` rows, each chunk one call of the engine
     (:func:`metastone_lab.engine.decode_batch` with one prompt: the prompt is
@@ -142,7 +143,8 @@ def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
         R = min(cfg.rows_per_chunk, remaining)
         remaining -= R
         chunks += decode_batch(model, [prompt_ids], cfg, eos=eos, pad_id=pad_id,
-                               generators=[generator], rows_per_prompt=R)
+                               generators=[generator], rows_per_prompt=R,
+                               prefix_store=prefix_store)
     return chunks
 
 
@@ -341,6 +343,7 @@ def generate_best_of_n(model: Any, tokenizer: Any, problems: Sequence[Any], task
     batches = ([[pi] for pi in order] if budget == 0 else
                [[order[j] for j in b] for b in plan_batches([cfg.k] * len(order), budget)])
     n_tok, done, t_all = 0, 0, time.perf_counter()
+    store = PrefixStore()   # prompt blocks shared across this call's problems (prefix_cache)
 
     def seed_of(pi: int) -> torch.Generator:
         return problem_generator(cfg.seed, seed_index[pi])
@@ -352,11 +355,12 @@ def generate_best_of_n(model: Any, tokenizer: Any, problems: Sequence[Any], task
             if budget == 0:
                 pi = batch[0]
                 per = [decode_chunks(model, prompts[pi], cfg, eos=eos, pad_id=pad_id,
-                                     generator=seed_of(pi))]
+                                     generator=seed_of(pi), prefix_store=store)]
             else:
                 per = [[c] for c in decode_batch(model, [prompts[pi] for pi in batch], cfg,
                                                   eos=eos, pad_id=pad_id,
-                                                  generators=[seed_of(pi) for pi in batch])]
+                                                  generators=[seed_of(pi) for pi in batch],
+                                                  prefix_store=store)]
             seconds = (time.perf_counter() - t0) / len(batch)
             for pi, chunks in zip(batch, per):
                 P = len(prompts[pi])

@@ -69,6 +69,10 @@ class GenerateConfig:
     #: problems as fit (each problem's rows stay in one batch); None = max(DEFAULT_BATCH_ROWS,
     #: k); 0 = one problem at a time, in chunks of ``chunk_size`` (the per-problem path)
     max_batch_rows: int | None = None
+    #: prompt positions per prefill forward (prefix_cache.py): full blocks shared with an
+    #: earlier prompt of the call (a few-shot or chat prefix) are computed once; 0 = one
+    #: forward per prompt, nothing shared
+    prefill_block: int = 64
     #: where the engine runs the model: "auto" (where it is), "cpu" or "cuda"
     device: str = "auto"
     #: the engine's model dtype: None (as loaded), "float32", "bfloat16" or "float16"
@@ -94,6 +98,9 @@ class GenerateConfig:
               f"GenerateConfig.chunk_size must be >= 0 (0 = all k at once), got {self.chunk_size}")
         check(self.head_mode in ("auto", "per_step", "deferred"),
               f"GenerateConfig.head_mode must be auto, per_step or deferred, got {self.head_mode!r}")
+        check(isinstance(self.prefill_block, int) and self.prefill_block >= 0,
+              f"GenerateConfig.prefill_block must be an int >= 0 (0 = one forward per "
+              f"prompt), got {self.prefill_block!r}")
         check(self.deepconf_topk >= 1,
               f"GenerateConfig.deepconf_topk must be >= 1, got {self.deepconf_topk}")
         check(self.deepconf_window >= 1,
