@@ -208,8 +208,11 @@ def test_same_config_same_summary_alone_in_a_sweep_and_beside_another_sweep(tmp_
 
     from metastone_lab.backbones import TinyBackboneConfig, build_tiny_backbone
 
-    micro = tmp_path / "micro"   # a trained micro backbone: it writes steps and some right answers
-    build_tiny_backbone(TinyBackboneConfig.micro(), micro, log=lambda *_: None)
+    # a micro backbone trained long enough to solve some problems (1500 steps, ~20 s:
+    # pass@1 0.41 in its build check; the 120-step default solves ~1 in 50 samples, so
+    # whether 24 test samples hold a right one, i.e. whether AUROC is defined, was luck)
+    micro = tmp_path / "micro"
+    build_tiny_backbone(TinyBackboneConfig.micro(steps=1500), micro, log=lambda *_: None)
     params = {"backbone": str(micro), "train_mode": "head_only", "train_steps": 2,
               "filter_warmup_steps": 1, "k_max": 4, "n_test": 6, "n_val": 2, "val_k": 2,
               "max_new_tokens": 40, "train": {"n": 2, "prompts_per_step": 2, "eval_every": 0}}
