@@ -100,6 +100,7 @@ def run_engine_bench(args: argparse.Namespace, log: Callable[[str], None] = prin
     from . import sampling
     from .bench import _load, _peak_rss_gib, interleaved_runs, ratio_stats, run_medians
     from .engine import decode_batch, plan_batches
+    from .prefix_cache import PrefixStore
     from .sprm import ReflectiveModel
     from .tasks import get_task
 
@@ -136,17 +137,20 @@ def run_engine_bench(args: argparse.Namespace, log: Callable[[str], None] = prin
             G._trajectory_scores(ch.head, mask, aggs)
             torch.sigmoid(ch.head[mask])
 
+    # one PrefixStore per pass, as generate_best_of_n keeps one per call (both paths)
     def engine(cfg) -> None:
+        store = PrefixStore()
         for b in batches:
             chunks = decode_batch(model, [prompt_ids[i] for i in b], cfg, eos=eos, pad_id=pad,
-                                  generators=gens(b))
+                                  generators=gens(b), prefix_store=store)
             for i, ch in zip(b, chunks):
                 finish(ch, len(prompt_ids[i]), cfg)
 
     def per_problem() -> None:
+        store = PrefixStore()
         for i, pids in enumerate(prompt_ids):
             for ch in G.decode_chunks(model, pids, cfg_score, eos=eos, pad_id=pad,
-                                      generator=gens([i])[0]):
+                                      generator=gens([i])[0], prefix_store=store):
                 finish(ch, len(pids), cfg_score)
 
     def hf() -> None:
