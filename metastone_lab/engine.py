@@ -166,8 +166,9 @@ def decode_batch(model: Any, prompts: Sequence[Sequence[int]], cfg: GenerateConf
                                    device=device)                              # (R, W, C)
             feats[rows, P - lens[i]:P] = h
         del h
-        states.append(st.repeat(k))
-    start = sampling.merge_states(states)
+        states.append(st)
+    # k rows per prompt, written once into a cache with room for every new position
+    start = sampling.merge_states(states, repeats=k, reserve_tokens=T + 1)
     del states
     stat_buf = (torch.full((3, R, W), float("nan"), dtype=torch.float32, device=device)
                 if stats else None)                                           # (3, R, W)

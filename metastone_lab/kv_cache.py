@@ -42,6 +42,18 @@ class ReservedLayer(DynamicLayer):
         self.is_initialized = True
         self._views()
 
+    @classmethod
+    def from_buffers(cls, k_buf: torch.Tensor, v_buf: torch.Tensor, length: int) -> "ReservedLayer":
+        """A layer over buffers ``(B, H, capacity, D)`` already holding ``length``
+        positions (no copy; :func:`metastone_lab.sampling.merge_states` writes them)."""
+        layer = cls.__new__(cls)
+        DynamicLayer.__init__(layer)
+        layer._k, layer._v, layer._n = k_buf, v_buf, int(length)
+        layer.device = k_buf.device
+        layer.is_initialized = True
+        layer._views()
+        return layer
+
     @property
     def capacity(self) -> int:
         return int(self._k.shape[-2])

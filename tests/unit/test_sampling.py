@@ -151,9 +151,15 @@ def test_merged_states_of_several_prompts_decode_as_each_alone(temperature):
     kw = dict(max_new_tokens=7, eos={1}, pad_id=0, temperature=temperature, top_p=0.9)
     want = [_alone(model, p, 3, torch.Generator().manual_seed(10 + i), **kw)
             for i, p in enumerate(prompts)]
-    for order in ([0, 1, 2], [2, 0], [1]):
-        states = [sampling.prefill(model, [prompts[i]])[0].repeat(3) for i in order]
-        merged = sampling.merge_states(states)
+    for order, rep in (([0, 1, 2], False), ([2, 0], False), ([1], False), ([0, 1, 2], True),
+                       ([1], True)):
+        if rep:     # the engine's call: 1-row states, repeated and reserved by merge_states
+            states = [sampling.prefill(model, [prompts[i]])[0] for i in order]
+            merged = sampling.merge_states(states, repeats=3, reserve_tokens=8)
+            assert merged.cache.layers[0]._k.shape[-2] == max(len(prompts[i]) for i in order) + 8
+        else:
+            states = [sampling.prefill(model, [prompts[i]])[0].repeat(3) for i in order]
+            merged = sampling.merge_states(states)
         assert (merged.attention_mask is None) == (len({len(prompts[i]) for i in order}) == 1)
         groups = torch.arange(len(order)).repeat_interleave(3)
         gens = [torch.Generator().manual_seed(10 + i) for i in order]
