@@ -84,8 +84,17 @@ class ReservedLayer(DynamicLayer):
         return self._n
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._k = self._k.index_select(0, indices)
-        self._v = self._v.index_select(0, indices)
+        """Keep the rows ``indices`` (1-D). Increasing indices (finished rows leaving the
+        batch) are moved down **in place** (:func:`compact_rows`); a fresh buffer per
+        call is what ``index_select`` costs, and its page faults made it 10-20x slower
+        than the copy itself (2.5 s vs 0.12 s for 60 buffers of 128 x 3 x 250 x 64)."""
+        idx = indices.tolist()
+        if all(b > a for a, b in zip(idx, idx[1:])) and (not idx or idx[0] >= 0):
+            self._k = compact_rows(self._k, idx)
+            self._v = compact_rows(self._v, idx)
+        else:
+            self._k = self._k.index_select(0, indices)
+            self._v = self._v.index_select(0, indices)
         self._views()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -103,6 +112,26 @@ class ReservedLayer(DynamicLayer):
     def reset(self) -> None:
         self._n = 0
         self._views()
+
+
+def compact_rows(buf: torch.Tensor, keep: list[int]) -> torch.Tensor:
+    """``buf[keep]`` for strictly increasing ``keep``, written in place into the first
+    ``len(keep)`` rows of ``buf`` (B, ...); returns that view. Row ``keep[j] >= j`` moves
+    to ``j`` in increasing ``j``, so no row is overwritten before it is read; rows that
+    shift by ``s`` are copied in chunks of at most ``s`` rows (source and destination
+    never overlap)."""
+    j, m = 0, len(keep)
+    while j < m:
+        s = keep[j] - j
+        if s == 0:
+            j += 1
+            continue
+        r = 1
+        while j + r < m and keep[j + r] - (j + r) == s and r < s:
+            r += 1
+        buf[j:j + r].copy_(buf[j + s:j + s + r])
+        j += r
+    return buf[:m]
 
 
 def _alloc(like: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -128,4 +157,4 @@ def reserve(cache: Any, extra_tokens: int) -> Any:
     return cache
 
 
-__all__ = ["ReservedLayer", "reserve"]
+__all__ = ["ReservedLayer", "compact_rows", "reserve"]

@@ -69,3 +69,24 @@ def test_reserve_leaves_other_layers_and_empty_caches_alone():
     assert kv_cache.reserve(None, 4) is None
     c = DynamicCache()
     assert kv_cache.reserve(c, 4) is c                   # no layers yet
+
+
+@pytest.mark.parametrize("keep", [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9],
+                                  [0, 4, 5, 6, 7, 8, 9], [0, 2, 3, 9], [3, 8], [9], [],
+                                  [0, 1, 2, 6, 7, 8]])
+def test_compact_rows_in_place_equals_index_select(keep):
+    """Every pattern of finished rows (a run of one, shifts larger and smaller than the
+    run, the last row, none): the in-place move gives buf[keep] exactly."""
+    buf = torch.randn(10, 2, 6, 3, generator=torch.Generator().manual_seed(1))
+    want = buf[torch.tensor(keep, dtype=torch.long)].clone()
+    got = kv_cache.compact_rows(buf, keep)
+    assert torch.equal(got, want) and (not keep or got.data_ptr() == buf.data_ptr())
+
+
+def test_reserved_layer_select_out_of_order_falls_back_to_index_select():
+    k0, v0 = (torch.randn(4, 2, 3, 2, generator=torch.Generator().manual_seed(s)) for s in (2, 3))
+    res = kv_cache.ReservedLayer(k0, v0, capacity=5)
+    res.batch_select_indices(torch.tensor([3, 0, 0]))
+    assert torch.equal(res.keys, k0[[3, 0, 0]]) and torch.equal(res.values, v0[[3, 0, 0]])
+    res.batch_select_indices(torch.tensor([2]))
+    assert torch.equal(res.keys, k0[[0]]) and res.capacity == 5
