@@ -465,17 +465,42 @@ def sample(model: Any, prompts: Sequence[Sequence[int]], *, n: int = 1, max_new_
            ) -> list[list[int]]:
     """``n`` samples of each prompt, in order (prompt 0's n samples first), as lists of
     new ids (EOS kept when produced). Rows go through :func:`decode` in batches of
-    ``batch_size`` rows (0 = all at once); each batch is prefilled once."""
+    ``batch_size`` rows (0 = all at once); each batch is prefilled once
+    (:func:`_prefill_rows`: a prompt repeated on consecutive rows, the GRPO group,
+    once)."""
     rows = [list(p) for p in prompts for _ in range(n)]
     if not rows:
         return []
     step = batch_size if batch_size > 0 else len(rows)
     out: list[list[int]] = []
     for s in range(0, len(rows), step):
-        state, _ = prefill(model, rows[s:s + step], pad_id=pad_id)
+        state = _prefill_rows(model, rows[s:s + step], pad_id, max_new_tokens + 1)
         out += decode(model, state, max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id,
                       temperature=temperature, top_p=top_p, generator=generator).rows()
     return out
+
+
+def _prefill_rows(model: Any, rows: list[list[int]], pad_id: int, reserve_tokens: int) -> State:
+    """The :class:`State` of ``rows`` (token id lists). When they are runs of one prompt
+    repeated the same number of times r > 1 (``rollout``'s groups of n samples), each
+    prompt is prefilled once at batch 1 and its cache written r times
+    (:func:`merge_states`): a GRPO step of 2 prompts x 4 samples of a 186-token chat
+    prompt prefills 372 positions instead of 1488. Otherwise (or for a cache that is
+    not a plain ``DynamicCache``) all rows go through one left-padded :func:`prefill`."""
+    runs: list[list[Any]] = []                     # [prompt, count] of consecutive rows
+    for r in rows:
+        if runs and runs[-1][0] == r:
+            runs[-1][1] += 1
+        else:
+            runs.append([r, 1])
+    counts = {c for _, c in runs}
+    if len(counts) == 1 and counts != {1}:
+        states = [prefill(model, [p])[0] for p, _ in runs]
+        try:
+            return merge_states(states, repeats=runs[0][1], reserve_tokens=reserve_tokens)
+        except TypeError:                          # not a plain DynamicCache: no merge
+            pass
+    return prefill(model, rows, pad_id=pad_id)[0]
 
 
 __all__ = ["encode_prompt", "eos_ids", "pad_id_for", "cache_kwarg", "output_cache",

@@ -215,3 +215,23 @@ def test_draw_is_seeded_by_its_generator_and_unnormalised_weights_are_fine():
     b = sampling.draw(w * 3.0, torch.Generator().manual_seed(7))   # scale does not matter
     assert torch.equal(a, b)
     assert not torch.equal(a, sampling.draw(w, torch.Generator().manual_seed(8)))
+
+
+def test_repeated_prompts_are_prefilled_once_and_decode_as_a_padded_batch():
+    """sample()'s rows in groups (rollout's n samples per prompt): one batch-1 prefill per
+    prompt, its cache written n times; the logits and greedy samples are those of the
+    left-padded prefill of every row."""
+    model = _tiny_llama()
+    rows = [[5, 9, 11, 30, 31]] * 3 + [[7, 8]] * 3
+    calls = []
+    real = model.forward
+    model.forward = lambda *a, **kw: (calls.append(kw["input_ids"].shape), real(*a, **kw))[1]
+    st = sampling._prefill_rows(model, rows, pad_id=0, reserve_tokens=4)
+    model.forward = real
+    assert calls == [(1, 5), (1, 2)]
+    ref, _ = sampling.prefill(model, rows, pad_id=0)
+    assert torch.allclose(st.logits, ref.logits, atol=1e-5)
+    kw = dict(max_new_tokens=4, eos={-1}, pad_id=0, temperature=0.0)
+    assert sampling.decode(model, st, **kw).rows() == sampling.decode(model, ref, **kw).rows()
+    st = sampling._prefill_rows(model, [[5, 9], [5, 9], [7, 8]], pad_id=0, reserve_tokens=4)
+    assert st.logits.shape[0] == 3                     # unequal runs: one padded prefill
