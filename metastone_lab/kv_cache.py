@@ -10,9 +10,11 @@ and MLP matmuls' share of it after them). :func:`reserve` swaps the layers of a
 sees ``keys`` / ``values`` as views ``[:, :, :length]``, exactly the tensors a
 ``DynamicLayer`` would hold, so attention computes the same numbers.
 
-Used by :func:`metastone_lab.sampling.decode` (``reserve_tokens``); nothing else
-changes for callers: the cache is still a ``DynamicCache``, and dropping rows
-(``batch_select_indices``) keeps the reserve.
+Used by :func:`metastone_lab.sampling.decode` (:func:`reserve`) and
+:func:`metastone_lab.sampling.merge_states` (which writes the joined prompts straight
+into reserved buffers, :meth:`ReservedLayer.from_buffers`); nothing else changes for
+callers: the cache is still a ``DynamicCache``, and dropping finished rows
+(``batch_select_indices``, an in-place move: :func:`compact_rows`) keeps the reserve.
 """
 from __future__ import annotations
 
