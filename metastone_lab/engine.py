@@ -6,9 +6,9 @@ a problem's k rows always share one batch). For one batch, :func:`decode_batch`:
 
 1. prefills each problem's prompt **once** (batch 1, unpadded, in blocks of
    ``prefill_block`` positions: :func:`metastone_lab.prefix_cache.prefill_prompt`;
-   blocks shared with an earlier prompt of the call are taken from its store) and
-   expands its cache to k rows (``State.repeat``);
-2. joins the problems' states with :func:`metastone_lab.sampling.merge_states`:
+   blocks shared with an earlier prompt of the call are taken from its store); its
+   cache is written to k rows by step 2;
+2. joins the problems' states, k rows each, with :func:`metastone_lab.sampling.merge_states`:
    caches left-padded to the longest prompt P, an attention mask and per-row
    positions, so every row continues its own positions;
 3. decodes all rows with :func:`metastone_lab.sampling.decode`, ``groups`` = the
