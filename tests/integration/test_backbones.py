@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ from metastone_lab.backbones import build as build_mod
 from metastone_lab.backbones import cache
 from metastone_lab.errors import CheckpointError, ConfigError
 from metastone_lab.metrics import pass_at_k
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _tiny_llama import tiny_llama  # noqa: E402
 
 QUIET = lambda m: None  # noqa: E731
 
@@ -151,13 +155,7 @@ def test_pass_at_k_estimator():
 
 
 def _tiny_llama(vocab=40):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      eos_token_id=1, pad_token_id=0, bos_token_id=2)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(vocab)
 
 
 def test_local_hf_directory_loads(tmp_path):

@@ -2,19 +2,19 @@
 stored block gives exactly the numbers the prompt would compute for it."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 
 from metastone_lab import prefix_cache, sampling
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _tiny_llama import tiny_llama  # noqa: E402
+
 
 def _tiny_llama(vocab=40):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      eos_token_id=1, pad_token_id=0, bos_token_id=2)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(vocab, heads=4, kv_heads=2)
 
 
 def test_block_ends_always_leave_a_last_block():

@@ -4,6 +4,7 @@ that no other module decodes step by step with a KV cache."""
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,17 +12,14 @@ import torch
 
 from metastone_lab import sampling
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _tiny_llama import tiny_llama  # noqa: E402
+
 PKG = Path(sampling.__file__).parent
 
 
 def _tiny_llama(vocab=40, eos=1):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                      eos_token_id=eos, pad_token_id=0, bos_token_id=2)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(vocab, eos=eos)
 
 
 def _greedy_full_forward(model, prompt, n):
