@@ -130,7 +130,7 @@ def _context_len(model: Any) -> int | None:
 # -------------------------------------------------------------- core decoding
 def decode_chunks(model: Any, prompt_ids: Sequence[int], cfg: GenerateConfig, *,
                   eos: set[int], pad_id: int, generator: torch.Generator | None = None,
-                  prefix_store: Any = None) -> list[_Chunk]:
+                  prefix_store: PrefixStore | None = None) -> list[_Chunk]:
     """One problem at a time (``max_batch_rows: 0``): its ``cfg.k`` rows in chunks of
     at most ``cfg.rows_per_chunk`` rows, each chunk one call of the engine
     (:func:`metastone_lab.engine.decode_batch` with one prompt: the prompt is

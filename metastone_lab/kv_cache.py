@@ -35,14 +35,10 @@ class ReservedLayer(DynamicLayer):
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
         super().__init__()
         n = int(keys.shape[-2])
-        self._k = _alloc(keys, max(int(capacity), n))
-        self._v = _alloc(values, max(int(capacity), n))
-        self._k[:, :, :n] = keys
-        self._v[:, :, :n] = values
-        self._n = n
-        self.device = keys.device
-        self.is_initialized = True
-        self._views()
+        k_buf, v_buf = _alloc(keys, max(int(capacity), n)), _alloc(values, max(int(capacity), n))
+        k_buf[:, :, :n] = keys
+        v_buf[:, :, :n] = values
+        self._attach(k_buf, v_buf, n)
 
     @classmethod
     def from_buffers(cls, k_buf: torch.Tensor, v_buf: torch.Tensor, length: int) -> "ReservedLayer":
@@ -50,11 +46,14 @@ class ReservedLayer(DynamicLayer):
         positions (no copy; :func:`metastone_lab.sampling.merge_states` writes them)."""
         layer = cls.__new__(cls)
         DynamicLayer.__init__(layer)
-        layer._k, layer._v, layer._n = k_buf, v_buf, int(length)
-        layer.device = k_buf.device
-        layer.is_initialized = True
-        layer._views()
+        layer._attach(k_buf, v_buf, length)
         return layer
+
+    def _attach(self, k_buf: torch.Tensor, v_buf: torch.Tensor, length: int) -> None:
+        self._k, self._v, self._n = k_buf, v_buf, int(length)
+        self.device = k_buf.device
+        self.is_initialized = True
+        self._views()
 
     @property
     def capacity(self) -> int:
@@ -136,6 +135,16 @@ def compact_rows(buf: torch.Tensor, keep: list[int]) -> torch.Tensor:
     return buf[:m]
 
 
+def plain_layers(cache: Any) -> list | None:
+    """The layers of ``cache`` when it is a plain ``DynamicCache`` (every layer exactly a
+    ``DynamicLayer``, keys / values (B, H, S, D)); None for any other cache (sliding
+    windows, static, quantised, reserved, legacy tuples, empty)."""
+    layers = list(getattr(cache, "layers", None) or [])
+    if not layers or any(type(la) is not DynamicLayer for la in layers):
+        return None
+    return layers
+
+
 def _alloc(like: torch.Tensor, capacity: int) -> torch.Tensor:
     """An uninitialised ``(B, H, capacity, D)`` buffer of ``like``'s dtype and device."""
     B, H, _, D = like.shape
@@ -159,4 +168,4 @@ def reserve(cache: Any, extra_tokens: int) -> Any:
     return cache
 
 
-__all__ = ["ReservedLayer", "compact_rows", "reserve"]
+__all__ = ["ReservedLayer", "compact_rows", "plain_layers", "reserve"]

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import sampling
+from . import kv_cache, sampling
 
 
 class PrefixStore:
@@ -38,7 +38,8 @@ class PrefixStore:
 
     def __init__(self, max_mb: float = 256.0):
         self.max_bytes = int(max_mb * 2 ** 20)
-        self._blocks: OrderedDict[tuple[int, ...], tuple[list, torch.Tensor | None]] = OrderedDict()
+        self._blocks: OrderedDict[tuple[int, ...], tuple[list, torch.Tensor | None, int]] = \
+            OrderedDict()                  # key -> (kv, feats, bytes)
         self._bytes = 0
         self.hits = 0       # blocks taken from the store
         self.misses = 0     # full blocks computed
@@ -48,22 +49,20 @@ class PrefixStore:
 
     def get(self, key: tuple[int, ...]) -> tuple[list, torch.Tensor | None] | None:
         entry = self._blocks.get(key)
-        if entry is not None:
-            self._blocks.move_to_end(key)
-        return entry
+        if entry is None:
+            return None
+        self._blocks.move_to_end(key)
+        return entry[0], entry[1]
 
     def put(self, key: tuple[int, ...], kv: list, feats: torch.Tensor | None) -> None:
-        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
-        size += 0 if feats is None else feats.numel() * feats.element_size()
+        tensors = [t for pair in kv for t in pair] + ([] if feats is None else [feats])
+        size = sum(t.numel() * t.element_size() for t in tensors)
         if size > self.max_bytes or key in self._blocks:
             return
-        self._blocks[key] = (kv, feats)
+        self._blocks[key] = (kv, feats, size)
         self._bytes += size
         while self._bytes > self.max_bytes:
-            _, (okv, of) = self._blocks.popitem(last=False)
-            self._bytes -= sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                               for k, v in okv)
-            self._bytes -= 0 if of is None else of.numel() * of.element_size()
+            self._bytes -= self._blocks.popitem(last=False)[1][2]
 
 
 def block_ends(n: int, block: int) -> list[int]:
@@ -72,15 +71,6 @@ def block_ends(n: int, block: int) -> list[int]:
     if block <= 0:
         return [n]
     return list(range(block, n, block)) + [n]
-
-
-def _plain_layers(cache: Any) -> list | None:
-    from transformers.cache_utils import DynamicLayer
-
-    layers = list(getattr(cache, "layers", None) or [])
-    if not layers or any(type(la) is not DynamicLayer for la in layers):
-        return None
-    return layers
 
 
 def _features(model: Any, hidden_states: tuple, layer: int) -> torch.Tensor:
@@ -135,7 +125,7 @@ def prefill_prompt(model: Any, prompt: Sequence[int], *, block: int,
         if hidden:
             feats.append(f)
         if store is not None and end != ends[-1] and end - start == block:
-            layers = _plain_layers(cache)
+            layers = kv_cache.plain_layers(cache)
             if layers is None:      # not a plain DynamicCache: prefill in blocks, store nothing
                 store = None
             else:

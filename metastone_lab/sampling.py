@@ -235,10 +235,9 @@ class State:
 
 def _dynamic_layers(cache: Any) -> list:
     """The layers of a plain ``DynamicCache`` (each with ``keys`` / ``values`` (B, H, S, D))."""
-    from transformers.cache_utils import DynamicLayer
-
-    layers = list(getattr(cache, "layers", None) or [])
-    if not layers or any(type(la) is not DynamicLayer for la in layers):
+    layers = kv_cache.plain_layers(cache)
+    if layers is None:
+        layers = list(getattr(cache, "layers", None) or [])
         raise TypeError(f"merge_states joins plain DynamicCache layers only, got "
                         f"{sorted({type(la).__name__ for la in layers}) or type(cache).__name__}")
     return layers

@@ -63,3 +63,6 @@ def test_the_store_keeps_at_most_its_budget():
         prefix_cache.prefill_prompt(model, [2, first, 5, 6, 7, 8, 9, 10, 11], block=4,
                                     store=store, feature_layer=-2)
     assert 0 < store._bytes <= store.max_bytes and len(store) < 2 * 27
+    held = sum(t.numel() * t.element_size() for kv, f, _ in store._blocks.values()
+               for t in [x for pair in kv for x in pair] + [f])
+    assert store._bytes == held                               # the count follows evictions
