@@ -11,7 +11,9 @@ on the ``--clock`` (wall by default; ``cpu`` = process CPU
 time, steadier on a shared machine; both are in ``seconds``):
 
 * ``tokens_per_s``: the batched engine with in-flight scoring (decode + head +
-  token stats + step mask + trajectory scores), batches of ``--batch-rows`` rows;
+  token stats + step mask + trajectory scores), ``engine.decode_stream`` over all
+  problems with ``--batch-rows`` rows in flight (what ``generate_best_of_n`` runs;
+  with every row decoding T tokens, refilling happens only between whole batches);
 * ``per_problem_tokens_per_s``: the same, one problem per batch (the
   per-problem path, ``generate.decode_chunks`` with ``chunk_size = k``);
 * ``hf_tokens_per_s``: ``model.generate(num_return_sequences=k, do_sample=True)``
@@ -99,7 +101,7 @@ def run_engine_bench(args: argparse.Namespace, log: Callable[[str], None] = prin
     from . import generate as G
     from . import sampling
     from .bench import _load, _peak_rss_gib, interleaved_runs, ratio_stats, run_medians
-    from .engine import decode_batch, plan_batches
+    from .engine import decode_stream, plan_batches
     from .prefix_cache import PrefixStore
     from .sprm import ReflectiveModel
     from .tasks import get_task
@@ -139,12 +141,9 @@ def run_engine_bench(args: argparse.Namespace, log: Callable[[str], None] = prin
 
     # one PrefixStore per pass, as generate_best_of_n keeps one per call (both paths)
     def engine(cfg) -> None:
-        store = PrefixStore()
-        for b in batches:
-            chunks = decode_batch(model, [prompt_ids[i] for i in b], cfg, eos=eos, pad_id=pad,
-                                  generators=gens(b), prefix_store=store)
-            for i, ch in zip(b, chunks):
-                finish(ch, len(prompt_ids[i]), cfg)
+        decode_stream(model, prompt_ids, cfg, eos=eos, pad_id=pad, generators=gens(range(N)),
+                      on_chunk=lambda i, ch: finish(ch, len(prompt_ids[i]), cfg),
+                      max_rows=rows or k, prefix_store=PrefixStore())
 
     def per_problem() -> None:
         store = PrefixStore()

@@ -1,38 +1,38 @@
-"""The batched best-of-N engine: the k rows of several problems in one decode batch.
+"""The batched best-of-N engine: the k rows of many problems in one decode batch.
 
-:func:`metastone_lab.generate.generate_best_of_n` hands its problems here in
-batches of at most ``GenerateConfig.batch_rows`` rows (:func:`plan_batches`;
-a problem's k rows always share one batch). For one batch, :func:`decode_batch`:
+:func:`metastone_lab.generate.generate_best_of_n` hands its problems to
+:func:`decode_stream`, with at most ``GenerateConfig.batch_rows`` rows in flight
+(a problem's k rows always join together). It:
 
 1. prefills each problem's prompt **once** (batch 1, unpadded, in blocks of
    ``prefill_block`` positions: :func:`metastone_lab.prefix_cache.prefill_prompt`;
-   blocks shared with an earlier prompt of the call are taken from its store); its
-   cache is written to k rows by step 2;
-2. joins the problems' states, k rows each, with :func:`metastone_lab.sampling.merge_states`:
-   caches left-padded to the longest prompt P, an attention mask and per-row
-   positions, so every row continues its own positions;
-3. decodes all rows with :func:`metastone_lab.sampling.decode`, ``groups`` = the
-   problem of each row and one ``torch.Generator`` per problem: every step draws
-   each problem's unfinished rows in one call on its own generator, so a
-   problem's samples do not depend on which problems share its batch (and equal
-   the per-problem path's when ``chunk_size >= k``, the default: the same draws
-   from the same generator on the same rows; logits equal up to rounding);
-   ``generate.decode_chunks``, the per-problem path, is this function called with
-   one prompt per chunk;
-4. captures in flight, through the sampler's ``on_token`` / ``on_forward`` hooks, the
+   blocks shared with an earlier prompt of the call are taken from its store), as
+   soon as there is room for its k rows;
+2. decodes with :func:`metastone_lab.sampling.decode_stream` (continuous batching):
+   the prompt's cache is written to k rows of a ring cache, every row continues
+   its own positions under a per-row mask, rows that sample an EOS leave, and a
+   waiting problem takes their place, so the batch stays full until the queue
+   runs out. One ``torch.Generator`` per problem: every step draws each problem's
+   active rows in one call on its own generator, so a problem's samples do not
+   depend on which problems share its batch or when it joined (and equal the
+   per-problem path's: the same draws from the same generator on the same rows;
+   logits equal up to rounding);
+3. captures in flight, through the sampler's ``on_sampled`` / ``on_fed`` hooks, the
    head logits (``per_step``) or feature-layer states (``deferred``) of every fed
-   position and the token statistics of every sampled token, in buffers laid out
-   in the batch's left-padded frame (column ``P + t`` = step t for every row);
-5. cuts each problem's rows back out into a :class:`Chunk` in the per-problem
-   layout (prompt at columns 0..P_i-1), so the step mask, the deferred head and
-   the trajectories are computed per problem exactly as before.
+   position and the token statistics of every sampled token, in per-slot buffers
+   laid out per problem (prompt at columns 0..P_i-1, step t at column P_i + t);
+4. hands each problem's rows, cut out of those buffers into a :class:`Chunk`, to
+   the caller as soon as its last row ends, so the step mask, the deferred head
+   and the trajectories are computed per problem exactly as before.
 
-Rows that sample an EOS leave the batch (the sampler drops them from the cache).
+:func:`decode_batch` is the same with every row in flight at once (fixed batches:
+``continuous_batching: false``, and ``generate.decode_chunks``, the per-problem
+path, with one prompt per chunk).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -120,97 +120,158 @@ def plan_batches(n_rows: Sequence[int], budget: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def decode_batch(model: Any, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, *,
-                 eos: set[int], pad_id: int,
-                 generators: Sequence[torch.Generator | None],
-                 rows_per_prompt: int | None = None,
-                 prefix_store: PrefixStore | None = None) -> list[Chunk]:
+def decode_stream(model: Any, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, *,
+                  eos: set[int], pad_id: int, generators: Sequence[torch.Generator | None],
+                  on_chunk: Callable[[int, Chunk], None], max_rows: int | None = None,
+                  rows_per_prompt: int | None = None,
+                  prefix_store: PrefixStore | None = None) -> None:
     """Decode k = ``rows_per_prompt`` (default ``cfg.k``) rows for each of the N
-    ``prompts`` (token id lists) in one batch of N*k rows, ``generators[i]`` drawing
-    problem i's samples; returns one :class:`Chunk` of k rows per prompt, in the
-    per-problem layout (see the module docstring). ``model``: a ReflectiveModel (a
-    bare causal LM when not scoring). One prompt decodes ungrouped on its generator
-    (the same draws, without the per-group split). ``prefix_store``: prompt blocks
-    already prefilled in this call (:mod:`metastone_lab.prefix_cache`; None: a store
-    for this batch only)."""
+    ``prompts`` (token id lists), ``generators[i]`` drawing problem i's samples, with
+    at most ``max_rows`` (default ``cfg.batch_rows``) rows in flight: continuous
+    batching (:func:`metastone_lab.sampling.decode_stream`), a waiting problem joins
+    as soon as rows that ended left room for its k. ``on_chunk(i, chunk)`` receives
+    problem i's :class:`Chunk` (k rows, per-problem layout) as soon as its last row
+    ends, so finished problems are judged while others decode. ``model``: a
+    ReflectiveModel (a bare causal LM when not scoring). ``prefix_store``: prompt
+    blocks already prefilled in this call (:mod:`metastone_lab.prefix_cache`; None: a
+    store for this call only).
+
+    In-flight capture writes into per-slot buffers (one row per row in flight, the
+    problem's prompt at columns 0..P_i-1 and step t at column P_i + t): the head
+    logits (``per_step``) or feature-layer states (``deferred``) of every fed position
+    and the token statistics of every sampled token. A row that ends is copied out to
+    its problem's rows (its slot goes to a joining row); a finished problem's rows are
+    cut into its Chunk.
+    """
     device = sampling.device_of(sampling.base_model(model))
     score, T = cfg.score, cfg.max_new_tokens
     k = cfg.k if rows_per_prompt is None else int(rows_per_prompt)
+    R = cfg.batch_rows if max_rows is None else int(max_rows)
+    if k > R:
+        raise ConfigError(f"GenerateConfig.max_batch_rows={R} is smaller than one problem's "
+                          f"k={k} rows; set max_batch_rows >= {k}, or 0 for one problem per "
+                          f"batch")
+    if not prompts:
+        return
     lens = [len(p) for p in prompts]
-    P, R = max(lens), k * len(prompts)
-    W = P + T                                     # width of the left-padded frame
+    P = max(lens)
+    W = P + T                                     # capture columns of a slot
+    R = S = min(R, k * len(prompts))              # rows in flight = capture slots
     feed_last = score and needs_last_hidden(cfg.read_at)
     mode = ""
     if score:
-        mode = resolve_head_mode(cfg, int(getattr(model, "hidden_size", 0) or 0), P, rows=R)
+        mode = resolve_head_mode(cfg, int(getattr(model, "hidden_size", 0) or 0), P, rows=S)
     conf_head = score and bool(getattr(model, "uses_confidence", False))
     if conf_head:   # the confidence head reads per-step token stats: keep the features
         mode = "deferred"
     fl = getattr(model, "feature_layer", -2)
     stats = cfg.capture_token_stats or conf_head
-
-    states, head, feats = [], None, None
+    nan = float("nan")
+    head = (torch.full((S, W), nan, dtype=torch.float32, device=device)
+            if mode == "per_step" else None)                                  # (S, W)
+    feats: torch.Tensor | None = None                                         # (S, W, C)
+    stat_buf = (torch.full((3, S, W), nan, dtype=torch.float32, device=device)
+                if stats else None)                                           # (3, S, W)
+    plen = torch.zeros(S, dtype=torch.long, device=device)                    # (S,)
+    prompt_h: dict[int, torch.Tensor] = {}
+    rows_of: dict[int, list] = {}     # problem -> its ended rows: [head, feats, stats]
     store = PrefixStore() if prefix_store is None else prefix_store
-    for i, p in enumerate(prompts):
-        st, h = prefill_prompt(model, p, block=cfg.prefill_block, store=store,
-                               feature_layer=fl if score else None)             # h (P_i, C)
-        check_finite(st.logits, lens[i])
-        rows = slice(i * k, (i + 1) * k)
+
+    def joining():
+        for i, p in enumerate(prompts):
+            st, h = prefill_prompt(model, p, block=cfg.prefill_block, store=store,
+                                   feature_layer=fl if score else None)         # h (P_i, C)
+            check_finite(st.logits, lens[i])
+            if mode:
+                prompt_h[i] = h
+            del h
+            yield sampling.Joining(st, k, generators[i])
+
+    def on_join(i, slots):
+        nonlocal feats
+        n = lens[i]
+        rows_of[i] = [None if x is None else x.new_empty((k,) + x.shape[1:])
+                      for x in (head, None, None)]
+        plen[slots] = n
+        if stat_buf is not None:
+            stat_buf[:, slots] = nan
         if mode == "per_step":
-            if head is None:
-                head = torch.full((R, W), float("nan"), dtype=torch.float32, device=device)
-            head[rows, P - lens[i]:P] = model.head_logits(h)
+            head[slots] = nan
+            head[slots, :n] = model.head_logits(prompt_h.pop(i)).float()
         elif mode == "deferred":
+            h = prompt_h.pop(i)
             if feats is None:
-                feats = torch.full((R, W, h.shape[-1]), float("nan"), dtype=h.dtype,
-                                   device=device)                              # (R, W, C)
-            feats[rows, P - lens[i]:P] = h
-        del h
-        states.append(st)
-    # k rows per prompt, written once into a cache with room for every new position
-    start = sampling.merge_states(states, repeats=k, reserve_tokens=T + 1)
-    del states
-    stat_buf = (torch.full((3, R, W), float("nan"), dtype=torch.float32, device=device)
-                if stats else None)                                           # (3, R, W)
+                feats = torch.full((S, W, h.shape[-1]), nan, dtype=h.dtype, device=device)
+            feats[slots] = nan
+            feats[slots, :n] = h
+        if feats is not None:
+            rows_of[i][1] = feats.new_empty((k,) + feats.shape[1:])              # (k, W, C)
+        if stat_buf is not None:
+            rows_of[i][2] = stat_buf.new_empty((3, k, W))                        # (3, k, W)
 
-    def on_token(t, rows, nxt, logits, top):
+    def on_leave(i, j, s):
+        hd, ft, sb = rows_of[i]
+        if hd is not None:
+            hd[j] = head[s]
+        if ft is not None:
+            ft[j] = feats[s]
+        if sb is not None:
+            sb[:, j] = stat_buf[:, s]
+
+    def on_sampled(slots, steps, nxt, logits, top):
         # from the raw logits that sampled nxt (no second pass)
-        stat_buf[:, rows, P + t] = token_stats(logits, nxt, cfg.deepconf_topk, top)
+        stat_buf[:, slots, plen[slots] + steps] = token_stats(logits, nxt, cfg.deepconf_topk,
+                                                              top)
 
-    def on_forward(t, rows, out):
-        # the hidden state of the token fed at column P + t (every row: left padding)
+    def on_fed(slots, steps, out):
+        # the hidden state of the token each row fed (its column P_i + step)
+        cols = plen[slots] + steps
         if mode == "per_step":
-            head[rows, P + t] = model.head_logits_from_hidden(out.hidden_states)[:, -1]
+            head[slots, cols] = model.head_logits_from_hidden(out.hidden_states)[:, -1].float()
         else:
-            feats[rows, P + t] = out.hidden_states[fl][:, -1]
+            feats[slots, cols] = out.hidden_states[fl][:, -1]
 
-    one = len(prompts) == 1
-    groups = None if one else torch.arange(len(prompts), device=device).repeat_interleave(k)
-    dec = sampling.decode(model, start, max_new_tokens=T, eos=eos, pad_id=pad_id,
-                          temperature=cfg.temperature, top_p=cfg.top_p,
-                          ignore_eos=cfg.ignore_eos, output_hidden_states=score,
-                          feed_last=feed_last, groups=groups,
-                          generator=generators[0] if one else None,
-                          generators=None if one else list(generators),
-                          on_token=on_token if stat_buf is not None else None,
-                          on_forward=on_forward if mode else None)
-    chunks = []
-    for i, p in enumerate(prompts):
-        rows, off = slice(i * k, (i + 1) * k), P - lens[i]
-        lengths = lens[i] + dec.lengths[rows]
+    def on_finish(i, dec):
+        n = lens[i]
+        hd, ft, sb = rows_of.pop(i)
+        lengths = n + dec.lengths
         Lmax = int(lengths.max())
-        prompt = torch.tensor([list(p)], dtype=torch.long, device=device)      # (1, P_i)
-        ids = torch.cat([prompt.expand(k, -1), dec.tokens[rows]], dim=1)[:, :Lmax]
-        cut = (lambda x: None if x is None else x[rows, off:off + Lmax])       # (k, Lmax...)
+        prompt = torch.tensor([list(prompts[i])], dtype=torch.long, device=device)   # (1, P_i)
+        ids = torch.cat([prompt.expand(k, -1), dec.tokens], dim=1)[:, :Lmax]
+        cut = (lambda x: None if x is None else x[:, :Lmax])                      # (k, Lmax...)
         ties = PrefixTies(ids) if (stat_buf is not None or mode) else None
         st = [None] * 3
         if stat_buf is not None:   # equal in exact arithmetic over a shared prefix: equal here
-            src = ties.sources()                                                # (k, Lmax)
-            st = [share_prefix_values(x, src) for x in stat_buf[:, rows, off:off + Lmax]]
-        chunks.append(Chunk(ids=ids, lengths=lengths, head=cut(head), hit_max=dec.hit_max[rows],
-                            feats=cut(feats), tok_logprob=st[0], tok_self_certainty=st[1],
-                            tok_confidence=st[2], ties=ties))
-    return chunks
+            src = ties.sources()                                                    # (k, Lmax)
+            st = [share_prefix_values(x, src) for x in sb[:, :, :Lmax]]
+        on_chunk(i, Chunk(ids=ids, lengths=lengths, head=cut(hd), hit_max=dec.hit_max,
+                          feats=cut(ft), tok_logprob=st[0], tok_self_certainty=st[1],
+                          tok_confidence=st[2], ties=ties))
+
+    sampling.decode_stream(model, joining(), max_rows=R, width=P + T + 1,
+                           max_new_tokens=T, eos=eos, pad_id=pad_id,
+                           temperature=cfg.temperature, top_p=cfg.top_p,
+                           ignore_eos=cfg.ignore_eos, output_hidden_states=score,
+                           feed_last=feed_last, on_join=on_join,
+                           on_sampled=on_sampled if stat_buf is not None else None,
+                           on_fed=on_fed if mode else None, on_leave=on_leave,
+                           on_finish=on_finish)
+
+
+def decode_batch(model: Any, prompts: Sequence[Sequence[int]], cfg: GenerateConfig, *,
+                 eos: set[int], pad_id: int,
+                 generators: Sequence[torch.Generator | None],
+                 rows_per_prompt: int | None = None,
+                 prefix_store: PrefixStore | None = None) -> list[Chunk]:
+    """:func:`decode_stream` with room for every row at once (all N prompts start
+    together): one :class:`Chunk` of k = ``rows_per_prompt`` (default ``cfg.k``) rows
+    per prompt, in order."""
+    k = cfg.k if rows_per_prompt is None else int(rows_per_prompt)
+    out: dict[int, Chunk] = {}
+    decode_stream(model, prompts, cfg, eos=eos, pad_id=pad_id, generators=generators,
+                  on_chunk=out.__setitem__, max_rows=k * len(prompts), rows_per_prompt=k,
+                  prefix_store=prefix_store)
+    return [out[i] for i in range(len(prompts))]
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -236,4 +297,5 @@ def place_model(model: Any, cfg: GenerateConfig) -> Any:
 
 
 __all__ = ["Chunk", "resolve_head_mode", "needs_last_hidden", "plan_batches", "decode_batch",
+           "decode_stream",
            "place_model", "check_finite"]

@@ -8,7 +8,8 @@ needs are already computed while decoding:
    < k); its KV cache is copied and expanded to the chunk's rows
    (``DynamicCache.batch_repeat_interleave``).
    By default the batched engine (:mod:`metastone_lab.engine`) then decodes the
-   k rows of several problems in one left-padded batch (``max_batch_rows``);
+   k rows of many problems in one batch of at most ``max_batch_rows`` rows,
+   refilled with waiting problems as rows end (``continuous_batching``);
    :func:`decode_chunks` below is the one-problem-at-a-time path
    (``max_batch_rows=0``, and ``bench inference``).
 2. k samples are decoded in chunks of ``chunk_size`` rows (bounded memory) with
@@ -64,7 +65,7 @@ from .config import from_dict
 from .confidence import lookahead
 from .errors import ConfigError, ShapeError
 from .engine import Chunk as _Chunk
-from .engine import decode_batch, place_model, plan_batches
+from .engine import decode_batch, decode_stream, place_model, plan_batches
 from .engine import resolve_head_mode  # re-exported (bench, tests): see __all__
 from .evaluation import evaluate
 from .generate_config import DEFAULT_EFFORT_MAP, GenerateConfig
@@ -297,17 +298,19 @@ def generate_best_of_n(model: Any, tokenizer: Any, problems: Sequence[Any], task
     or None. The model is put in eval mode (dropout off) for the call and restored
     (and moved / cast in place when ``cfg.device`` / ``cfg.dtype`` ask for it).
 
-    Problems are decoded by the batched engine (:mod:`metastone_lab.engine`) in
-    batches of at most ``cfg.batch_rows`` rows, or one at a time in chunks of
-    ``chunk_size`` rows when ``max_batch_rows == 0``. Problem i samples from its own
-    generator, seeded ``seed * 1_000_003 + indices[i]``, whatever its batch;
-    ``indices`` (default ``range(len(problems))``) are the problems' places in the
-    full list when ``problems`` is one shard of it (:mod:`metastone_lab.shard`), so
-    a shard samples what those problems sample in the full run. A problem whose
+    Problems are decoded by the batched engine (:mod:`metastone_lab.engine`) with at
+    most ``cfg.batch_rows`` rows in flight, a waiting problem joining as rows end
+    (``continuous_batching``; False: fixed batches of whole problems), or one at a
+    time in chunks of ``chunk_size`` rows when ``max_batch_rows == 0``. Problem i
+    samples from its own generator, seeded ``seed * 1_000_003 + indices[i]``, whatever
+    its batch; ``indices`` (default ``range(len(problems))``) are the problems' places
+    in the full list when ``problems`` is one shard of it (:mod:`metastone_lab.shard`),
+    so a shard samples the tokens those problems sample in the full run (bit for bit,
+    scores included, with fixed batches of whole batches per shard). A problem whose
     prompt exceeds the model context fails alone: the others are decoded, then a
     ShapeError names the failed ids; its ``.results`` holds every problem's
     ProblemSamples (empty trajectories for the failed ones). ``gen_seconds`` of a
-    problem decoded in a batch is the batch's decode time / its problems.
+    problem decoded with others is their decode time / their number.
     """
     if cfg is None or isinstance(cfg, dict):
         cfg = from_dict(GenerateConfig, cfg or {})
@@ -340,41 +343,60 @@ def generate_best_of_n(model: Any, tokenizer: Any, problems: Sequence[Any], task
         prompts[pi] = ids
     order = list(prompts)
     budget = cfg.batch_rows
-    batches = ([[pi] for pi in order] if budget == 0 else
-               [[order[j] for j in b] for b in plan_batches([cfg.k] * len(order), budget)])
+    if budget and order:
+        plan_batches([cfg.k], budget)           # a budget below k: the error names both
     n_tok, done, t_all = 0, 0, time.perf_counter()
     store = PrefixStore()   # prompt blocks shared across this call's problems (prefix_cache)
 
     def seed_of(pi: int) -> torch.Generator:
         return problem_generator(cfg.seed, seed_index[pi])
 
+    def finish(pi: int, chunks: list[_Chunk], seconds: float) -> None:
+        nonlocal n_tok, done
+        P = len(prompts[pi])
+        trajs: list[Trajectory] = []
+        for ch in chunks:
+            mask = finish_chunk(model, ch, tokenizer, cfg, P) if cfg.score else None
+            trajs += _build_trajectories(ch, mask, P, tokenizer, problems[pi], task, eos,
+                                         pad_id, aggs, cfg.read_at, cfg.deepconf_window)
+        results[pi] = ProblemSamples(problem=problems[pi], trajectories=trajs,
+                                     gen_seconds=seconds)
+        n_tok += sum(len(t.token_ids) for t in trajs)
+        done += 1
+        progress.report("sampling", done, len(order), "problems",
+                        tok_per_s=round(n_tok / max(time.perf_counter() - t_all, 1e-9)))
+
     try:
-        for batch in batches:
-            threads.rebalance()  # share the cores with metastone-lab jobs started since
-            t0 = time.perf_counter()
-            if budget == 0:
-                pi = batch[0]
-                per = [decode_chunks(model, prompts[pi], cfg, eos=eos, pad_id=pad_id,
-                                     generator=seed_of(pi), prefix_store=store)]
-            else:
-                per = [[c] for c in decode_batch(model, [prompts[pi] for pi in batch], cfg,
-                                                  eos=eos, pad_id=pad_id,
-                                                  generators=[seed_of(pi) for pi in batch],
-                                                  prefix_store=store)]
-            seconds = (time.perf_counter() - t0) / len(batch)
-            for pi, chunks in zip(batch, per):
-                P = len(prompts[pi])
-                trajs: list[Trajectory] = []
-                for ch in chunks:
-                    mask = finish_chunk(model, ch, tokenizer, cfg, P) if cfg.score else None
-                    trajs += _build_trajectories(ch, mask, P, tokenizer, problems[pi], task, eos,
-                                                 pad_id, aggs, cfg.read_at, cfg.deepconf_window)
-                results[pi] = ProblemSamples(problem=problems[pi], trajectories=trajs,
-                                             gen_seconds=seconds)
-                n_tok += sum(len(t.token_ids) for t in trajs)
-            done += len(batch)
-            progress.report("sampling", done, len(order), "problems",
-                            tok_per_s=round(n_tok / max(time.perf_counter() - t_all, 1e-9)))
+        if budget == 0:                         # one problem at a time
+            for pi in order:
+                threads.rebalance()  # share the cores with metastone-lab jobs started since
+                t0 = time.perf_counter()
+                chunks = decode_chunks(model, prompts[pi], cfg, eos=eos, pad_id=pad_id,
+                                       generator=seed_of(pi), prefix_store=store)
+                finish(pi, chunks, time.perf_counter() - t0)
+        elif not cfg.continuous_batching:       # fixed batches of whole problems
+            for batch in plan_batches([cfg.k] * len(order), budget):
+                threads.rebalance()
+                t0 = time.perf_counter()
+                chunks = decode_batch(model, [prompts[order[j]] for j in batch], cfg, eos=eos,
+                                      pad_id=pad_id,
+                                      generators=[seed_of(order[j]) for j in batch],
+                                      prefix_store=store)
+                seconds = (time.perf_counter() - t0) / len(batch)
+                for j, ch in zip(batch, chunks):
+                    finish(order[j], [ch], seconds)
+        elif order:                             # continuous batching over all problems
+            threads.rebalance()
+
+            def on_chunk(j: int, ch: _Chunk) -> None:
+                finish(order[j], [ch], 0.0)
+
+            decode_stream(model, [prompts[pi] for pi in order], cfg, eos=eos, pad_id=pad_id,
+                          generators=[seed_of(pi) for pi in order], on_chunk=on_chunk,
+                          max_rows=budget, prefix_store=store)
+            per = (time.perf_counter() - t_all) / len(order)
+            for pi in order:
+                results[pi].gen_seconds = per
     finally:
         model.train(was_training)
     out = [r for r in results if r is not None]

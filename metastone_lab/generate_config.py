@@ -69,6 +69,12 @@ class GenerateConfig:
     #: problems as fit (each problem's rows stay in one batch); None = max(DEFAULT_BATCH_ROWS,
     #: k); 0 = one problem at a time, in chunks of ``chunk_size`` (the per-problem path)
     max_batch_rows: int | None = None
+    #: refill the engine's batch as rows end (continuous batching, engine.decode_stream):
+    #: a waiting problem joins as soon as there is room for its k rows. False: fixed
+    #: batches of whole problems, each decoded to its last row (the same tokens; floats
+    #: then depend only on the batch a problem is planned into, so a shard of whole
+    #: batches reproduces a single process bit for bit)
+    continuous_batching: bool = True
     #: prompt positions per prefill forward (prefix_cache.py): full blocks shared with an
     #: earlier prompt of the call (a few-shot or chat prefix) are computed once; 0 = one
     #: forward per prompt, nothing shared
@@ -116,6 +122,9 @@ class GenerateConfig:
               f"GenerateConfig.max_batch_rows={self.max_batch_rows} is smaller than one "
               f"problem's k={self.k} rows (a problem's rows share one batch); set "
               f"max_batch_rows >= {self.k}, or 0 for one problem per batch")
+        check(isinstance(self.continuous_batching, bool),
+              f"GenerateConfig.continuous_batching must be true or false, got "
+              f"{self.continuous_batching!r}")
         check(self.device in ("auto", "cpu", "cuda"),
               f"GenerateConfig.device must be auto, cpu or cuda, got {self.device!r}")
         check(self.dtype in (None, "float32", "bfloat16", "float16"),

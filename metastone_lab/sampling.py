@@ -1,13 +1,16 @@
-"""The one sampling loop: KV-cached temperature / top-p decoding of a batch of rows.
+"""The sampling loops: KV-cached temperature / top-p decoding of a batch of rows.
 
-Every caller samples through :func:`decode`:
+Every caller samples through this module, in one of two loops that share the
+draws (:mod:`metastone_lab.next_token`), the EOS rule and the RNG policy:
 
-* the tiny backbone's pass@k right after its build (``backbones.build.evaluate``,
-  via :func:`sample`);
-* the GRPO rollouts (``training.rollout.rollout``, via :func:`sample`);
-* best-of-N with in-flight SPRM scoring and the probe (the batched engine,
-  ``engine.decode_batch``, which captures head scores, features and token
-  statistics through the ``on_token`` / ``on_forward`` hooks).
+* :func:`decode`, a fixed set of rows: the tiny backbone's pass@k right after its
+  build (``backbones.build.evaluate``, via :func:`sample`) and the GRPO rollouts
+  (``training.rollout.rollout``, via :func:`sample`);
+* :func:`decode_stream`, continuous batching: best-of-N with in-flight SPRM scoring
+  and the probe (the batched engine, ``engine.decode_stream``, which captures head
+  scores, features and token statistics through its ``on_sampled`` / ``on_fed``
+  hooks); rows that end make room for waiting prompts, over a ring cache
+  (:class:`metastone_lab.kv_cache.RingLayer`).
 
 The loop is nanoGPT's ``GPT.generate`` with a KV cache::
 
@@ -31,9 +34,9 @@ Conventions, shared by every caller:
   ``generation_config.eos_token_id``). A row ends at its first EOS id, which is
   kept as its last token; finished rows leave the batch (``batch_select_indices``)
   and cost nothing more.
-* **KV cache**: a ``DynamicCache`` gets room for every new position up front
-  (:func:`metastone_lab.kv_cache.reserve`), written in place instead of grown by
-  ``torch.cat`` each step. ``ignore_eos`` (benchmarks) always decodes
+* **KV cache**: :func:`decode` gives a ``DynamicCache`` room for every new position
+  up front (:func:`metastone_lab.kv_cache.reserve`), written in place instead of
+  grown by ``torch.cat`` each step; :func:`decode_stream` writes a fixed-width ring. ``ignore_eos`` (benchmarks) always decodes
   ``max_new_tokens``.
 * **Padding**: prompts of one length need none; prompts of different lengths are
   left-padded, with an attention mask and explicit positions (:func:`pad_left`).
@@ -46,11 +49,16 @@ from __future__ import annotations
 import copy
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from . import kv_cache
+from .errors import ConfigError
+from .stream_hooks import (Joining, OnFed, OnFinish, OnJoin, OnLeave,  # noqa: F401
+                           OnSampled)
+from .next_token import (draw, draw_by_group, pick_by_cdf, sample_next,  # noqa: F401
+                         sample_next_with_top)
 
 #: ``on_token(t, rows, tokens, logits, top_idx)`` after step ``t`` sampled ``tokens`` (n,)
 #: for the batch rows ``rows`` (n,) from ``logits`` (n, V); ``top_idx`` (n, K) or None:
@@ -138,77 +146,6 @@ def pad_left(sequences: Sequence[Sequence[int]], pad_id: int, device: Any = None
         ids[i, P - len(s):] = torch.tensor(list(s), dtype=torch.long)
         attn[i, P - len(s):] = 1
     return ids, attn, (attn.cumsum(-1) - 1).clamp(min=0)
-
-
-# -------------------------------------------------------------------- sampling
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: torch.Generator | None, probe: int = 64) -> torch.Tensor:
-    """Sample token ids (R,) from next-token ``logits`` (R, V).
-
-    ``temperature <= 0`` is argmax. Top-p keeps the smallest prefix of the
-    probability-sorted vocabulary whose mass reaches ``top_p`` (a token is dropped
-    when the mass *before* it is already >= top_p; the top token is always kept).
-
-    Speed: a full (R, V) sort costs milliseconds on CPU, so the nucleus is first
-    looked for among the ``probe`` most likely tokens (``topk``); when their mass
-    reaches ``top_p`` in every row the nucleus lies inside them and the result is
-    exactly the full-sort rule. Otherwise it falls back to a full sort.
-    """
-    return sample_next_with_top(logits, temperature, top_p, generator, probe)[0]
-
-
-def sample_next_with_top(logits: torch.Tensor, temperature: float, top_p: float,
-                         generator: torch.Generator | None, probe: int = 64,
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`sample_next`, plus the indices (R, K) of the K most likely tokens in
-    descending order that the top-p rule sorted (None when it sorted none: greedy
-    or top_p = 1). Temperature keeps the order, so they are the raw logits' top-K
-    too, which the token statistics reuse instead of a second topk."""
-    logits = logits.float()
-    if temperature <= 0:
-        return logits.argmax(dim=-1), None
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p >= 1.0:
-        return draw(probs, generator), None
-    V = probs.shape[-1]
-    K = min(max(1, probe), V)
-    while True:
-        vals, idx = probs.topk(K, dim=-1)                       # (R, K) descending
-        if K == V or bool((vals.sum(-1) >= top_p).all()):
-            break
-        K = V
-    drop = (vals.cumsum(-1) - vals) >= top_p
-    vals = vals.masked_fill(drop, 0.0)
-    choice = draw(vals, generator)                              # (R,) in 0..K-1
-    return idx.gather(-1, choice[:, None]).squeeze(-1), idx
-
-
-def draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One index per row of ``weights`` (R, V) (non-negative, rows need not sum to 1),
-    drawn with probability proportional to its weight: inverse-CDF sampling, one
-    uniform number per row from ``generator`` (None: torch's global RNG).
-
-    The same distribution as ``torch.multinomial(weights, 1)``, ~35x faster on CPU
-    at a 49k vocabulary (measured 0.27 vs 9.6 ms for 8 rows, 3.9 vs 152 ms for 128:
-    multinomial was the largest single cost of best-of-N decoding at top_p 1). A
-    zero-weight index is never drawn: the target is kept strictly below the row's
-    total, and the first index whose running sum exceeds it adds a positive weight.
-    The running sum is a sequential per-row scan, so the draw does not depend on
-    the thread count.
-    """
-    cdf = weights.float().cumsum(-1)                                        # (R, V)
-    total = cdf[:, -1:]                                                     # (R, 1)
-    u = torch.rand(total.shape, generator=generator, dtype=cdf.dtype, device=cdf.device)
-    return pick_by_cdf(cdf, u)
-
-
-def pick_by_cdf(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """The index (R,) whose CDF interval holds ``u`` (R, 1) in [0, 1) of each row's
-    total mass: the first j with ``cdf[r, j] > u[r] * total[r]`` (``cdf`` (R, V) a
-    non-decreasing running sum). Split out of :func:`draw` to test its edges."""
-    total = cdf[:, -1:]
-    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
 # ----------------------------------------------------------------- the loop
@@ -393,12 +330,11 @@ def decode(model: Any, state: State, *, max_new_tokens: int, eos: set[int], pad_
     grp_all = groups.to(device) if grouped else None
     for t in range(T):
         if grouped:
-            nxt = _draw_by_group(t, rows, logits, grp_all[rows], temperature, top_p,
-                                 generators, on_token)
+            nxt, top = draw_by_group(logits, grp_all[rows], temperature, top_p, generators)
         else:
             nxt, top = sample_next_with_top(logits, temperature, top_p, generator)  # (rows,)
-            if on_token is not None:
-                on_token(t, rows, nxt, logits, top)
+        if on_token is not None:
+            on_token(t, rows, nxt, logits, top)
         tokens[rows, t] = nxt
         done = torch.isin(nxt, eos_t) if eos_t is not None else torch.zeros_like(nxt, dtype=torch.bool)
         if done.any():
@@ -434,28 +370,172 @@ def decode(model: Any, state: State, *, max_new_tokens: int, eos: set[int], pad_
     return Decoded(tokens, lengths, hit_max)
 
 
-def _draw_by_group(t: int, rows: torch.Tensor, logits: torch.Tensor, grp: torch.Tensor,
-                   temperature: float, top_p: float, generators: Sequence[Any],
-                   on_token: OnToken | None) -> torch.Tensor:
-    """Sample (n,) ids for the n active ``rows`` whose groups ``grp`` (n,) are
-    contiguous: one :func:`sample_next_with_top` per group from its generator on
-    its slice of ``logits`` (n, V) (views, no copy). ``on_token`` is called once,
-    for all n rows (its statistics are row-wise, so one vectorised call gives each
-    row what a call per group would), with the groups' top indices joined when
-    every group has them at one width (else None)."""
-    nxt = torch.empty(rows.shape[0], dtype=torch.long, device=logits.device)
-    ids, counts = torch.unique_consecutive(grp, return_counts=True)
-    tops: list[torch.Tensor | None] = []
-    a = 0
-    for g, c in zip(ids.tolist(), counts.tolist()):
-        n_g, top = sample_next_with_top(logits[a:a + c], temperature, top_p, generators[g])
-        nxt[a:a + c] = n_g
-        tops.append(top)
-        a += c
-    if on_token is not None:
-        same = all(x is not None for x in tops) and len({x.shape[-1] for x in tops}) == 1
-        on_token(t, rows, nxt, logits, torch.cat(tops) if same else None)
-    return nxt
+# ------------------------------------------------------------ continuous batching
+@torch.inference_mode()
+def decode_stream(model: Any, joining: Iterable[Joining], *, max_rows: int, width: int,
+                  max_new_tokens: int, eos: set[int], pad_id: int,
+                  temperature: float = 1.0, top_p: float = 1.0, ignore_eos: bool = False,
+                  output_hidden_states: bool = False, feed_last: bool = False,
+                  on_join: OnJoin | None = None, on_sampled: OnSampled | None = None,
+                  on_fed: OnFed | None = None, on_leave: OnLeave | None = None,
+                  on_finish: OnFinish) -> None:
+    """Continuous batching: decode the prompts of ``joining`` with at most ``max_rows``
+    rows in flight, a waiting prompt joining as soon as rows that ended left room for
+    its ``rows``. Each row stops at its first EOS id or after ``max_new_tokens``, as in
+    :func:`decode`; ``on_finish`` hands over a group's :class:`Decoded` rows.
+
+    Each row in flight holds one of ``max_rows`` slots (the callers' per-row buffers
+    are indexed by slot): ``on_join`` names a group's slots, ``on_leave`` hands each
+    back as its row ends, so a problem whose last rows are still decoding blocks
+    nothing but those rows.
+
+    The cache is a ring (:class:`~metastone_lab.kv_cache.RingLayer`) of ``width``
+    columns (at least the longest prompt + ``max_new_tokens`` + 1): every forward
+    writes each row's new position at one shared column and masks, per row, every
+    column that is not its own (a 4-D additive mask, so the model builds none). A
+    joining prompt's keys go into the columns its decoding will not reach; finished
+    rows leave by an in-place move. Attention costs ``width`` columns per step
+    whatever the number of prompts decoded.
+
+    Groups are contiguous (rows join at the end, in order) and each step samples a
+    group's active rows in one draw from its own generator (:func:`draw_by_group`),
+    so a group's samples are those it gets decoded alone or in any batch (logits
+    equal up to rounding). ``feed_last``: a row's final token is fed once more (its
+    hidden state is read by ``on_fed``).
+    """
+    backbone = base_model(model)
+    cache_kw = cache_kwarg(backbone)
+    T = int(max_new_tokens)
+    src = iter(joining)
+    pending = next(src, None)
+    if pending is None:
+        return
+    cache = pending.state.cache
+    first = kv_cache.ring_template(cache, width)
+    if first is None:
+        kinds = sorted({type(la).__name__ for la in getattr(cache, "layers", None) or []})
+        raise ConfigError(f"the batched engine cannot decode this backbone: its KV cache "
+                          f"({type(cache).__name__} of {kinds or 'no layers'}) cannot be a "
+                          f"ring of {width} columns (plain DynamicLayers, or sliding windows "
+                          f"of at least {width}, can); use a backbone with a dynamic cache, "
+                          f"or fewer max_new_tokens / shorter prompts for a sliding window")
+    ring = kv_cache.Ring(width)
+    rings = kv_cache.ring_layers(first, ring, max_rows)
+    device, dtype = first[0].keys.device, first[0].keys.dtype
+    mask = torch.full((max_rows, width), float("-inf"), dtype=dtype, device=device)
+    tokens = torch.full((max_rows, T), pad_id, dtype=torch.long, device=device)  # by slot
+    lengths = torch.full((max_rows,), T, dtype=torch.long, device=device)
+    hit_max = torch.ones(max_rows, dtype=torch.bool, device=device)
+    eos_t = (torch.tensor(sorted(eos), dtype=torch.long, device=device)
+             if eos and not ignore_eos else None)
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    slot, grp, loc, step, pos = empty, empty, empty, empty, empty        # (n,) each
+    logits: torch.Tensor | None = None                                   # (n, V)
+    free = list(range(max_rows))
+    left: dict[int, int] = {}                                            # group -> rows left
+    gens: dict[int, Any] = {}
+    out_of: dict[int, Decoded] = {}                                      # group -> its rows
+
+    def join(entry: Joining, g: int, layers: list) -> None:
+        nonlocal slot, grp, loc, step, pos, logits
+        n, r, P = ring.rows, int(entry.rows), int(layers[0].keys.shape[-2])
+        if P + T + 1 > width:
+            raise ValueError(f"decode_stream: a {P}-token prompt + max_new_tokens {T} + 1 "
+                             f"does not fit the ring's width {width}")
+        cols = (ring.col - P + torch.arange(P, device=device)) % width
+        for rl, la in zip(rings, layers):
+            rl.write_prompt(n, r, cols, la.keys, la.values)
+        mask[n:n + r] = float("-inf")
+        mask[n:n + r, cols] = 0.0
+        s = torch.tensor(free[:r], dtype=torch.long, device=device)
+        del free[:r]
+        tokens[s], lengths[s], hit_max[s] = pad_id, T, True
+        slot, grp = torch.cat([slot, s]), torch.cat([grp, s.new_full((r,), g)])
+        loc = torch.cat([loc, torch.arange(r, device=device)])
+        step, pos = torch.cat([step, s.new_zeros(r)]), torch.cat([pos, s.new_full((r,), P - 1)])
+        lg = entry.state.logits.expand(r, -1)
+        logits = lg if logits is None else torch.cat([logits, lg])
+        left[g], gens[g] = r, entry.generator
+        out_of[g] = Decoded(torch.full((r, T), pad_id, dtype=torch.long, device=device),
+                            torch.full((r,), T, dtype=torch.long, device=device),
+                            torch.ones(r, dtype=torch.bool, device=device))
+        ring.rows = n + r
+        if on_join is not None:
+            on_join(g, s)
+
+    def drop(keep: torch.Tensor) -> None:
+        """Rows where ``keep`` (n,) is False leave; groups with no row left finish."""
+        nonlocal slot, grp, loc, step, pos, logits
+        out = ~keep
+        gone = list(zip(grp[out].tolist(), loc[out].tolist(), slot[out].tolist()))
+        idx = keep.nonzero().squeeze(-1).tolist()
+        for rl in rings:
+            rl.compact(idx)
+        kv_cache.compact_rows(mask, idx)
+        slot, grp, loc = slot[keep], grp[keep], loc[keep]
+        step, pos, logits = step[keep], pos[keep], logits[keep]
+        ring.rows = len(idx)
+        for g, j, s in gone:
+            dec = out_of[g]
+            dec.tokens[j], dec.lengths[j], dec.hit_max[j] = tokens[s], lengths[s], hit_max[s]
+            if on_leave is not None:
+                on_leave(g, j, s)
+            free.append(s)
+            left[g] -= 1
+            if left[g] == 0:
+                del left[g], gens[g]
+                on_finish(g, out_of.pop(g))
+
+    g_next = 0
+    with kv_cache.cpu_masked_gqa(device):
+        while True:
+            while pending is not None and ring.rows + pending.rows <= max_rows:
+                layers = (first if g_next == 0
+                          else kv_cache.ring_template(pending.state.cache, width))
+                if layers is None:
+                    raise ConfigError("decode_stream: every prompt's cache must be of one "
+                                      "kind (one backbone)")
+                join(pending, g_next, layers)
+                if g_next == 0:             # the first prompt's cache object carries the ring
+                    cache.layers[:] = rings
+                    first = None
+                g_next += 1
+                pending = next(src, None)
+            if ring.rows == 0:
+                if pending is not None:
+                    raise ValueError(f"decode_stream: a prompt's {pending.rows} rows exceed "
+                                     f"max_rows={max_rows}")
+                return
+            nxt, top = draw_by_group(logits, grp, temperature, top_p, gens)   # (n,)
+            if on_sampled is not None:
+                on_sampled(slot, step, nxt, logits, top)
+            tokens[slot, step] = nxt
+            done = (torch.isin(nxt, eos_t) if eos_t is not None
+                    else torch.zeros_like(nxt, dtype=torch.bool))
+            if bool(done.any()):
+                lengths[slot[done]] = step[done] + 1
+                hit_max[slot[done]] = False
+            ended = done | (step == T - 1)
+            if not feed_last and bool(ended.any()):
+                nxt = nxt[~ended]
+                drop(~ended)
+                ended = ended[~ended]
+                if ring.rows == 0:
+                    continue
+            mask[:ring.rows, ring.col] = 0.0
+            pos = pos + 1
+            out = backbone(input_ids=nxt[:, None],
+                           attention_mask=mask[:ring.rows, None, None, :],   # (n, 1, 1, width)
+                           position_ids=pos[:, None], use_cache=True,
+                           output_hidden_states=output_hidden_states, **{cache_kw: cache})
+            if on_fed is not None:
+                on_fed(slot, step, out)
+            ring.advance()
+            logits = out.logits[:, -1, :]
+            del out
+            step = step + 1
+            if feed_last and bool(ended.any()):
+                drop(~ended)
 
 
 def sample(model: Any, prompts: Sequence[Sequence[int]], *, n: int = 1, max_new_tokens: int,
@@ -504,4 +584,5 @@ def _prefill_rows(model: Any, rows: list[list[int]], pad_id: int, reserve_tokens
 
 __all__ = ["encode_prompt", "eos_ids", "pad_id_for", "cache_kwarg", "output_cache",
            "pad_right", "pad_left", "draw", "pick_by_cdf", "sample_next", "sample_next_with_top", "State", "Decoded",
-           "prefill", "decode", "sample", "merge_states"]
+           "prefill", "decode", "sample", "merge_states", "draw_by_group", "Joining",
+           "decode_stream"]

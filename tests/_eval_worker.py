@@ -21,9 +21,12 @@ from pathlib import Path
 import torch
 
 #: the evaluation both runs do: 7 test + 5 val problems, k=4 samples of <= 24 tokens,
-#: 2 problems per engine batch (max_batch_rows = 2k), so the 2 processes get uneven
-#: blocks of whole batches (test: problems 0-3 | 4-6; val: 0-1 | 2-4)
-WORKLOAD = dict(n_test=7, n_val=5, k=4, max_new_tokens=24, max_batch_rows=8)
+#: 2 problems per engine batch (max_batch_rows = 2k, fixed batches: with continuous
+#: batching a problem's batch-mates, hence its float rounding, depend on the others'
+#: lengths), so the 2 processes get uneven blocks of whole batches (test: problems
+#: 0-3 | 4-6; val: 0-1 | 2-4)
+WORKLOAD = dict(n_test=7, n_val=5, k=4, max_new_tokens=24, max_batch_rows=8,
+                continuous_batching=False)
 
 
 class ParityJudge:
@@ -71,6 +74,7 @@ def evaluate(micro_dir: str | Path) -> dict:
     test, val = arith.problems("test", w["n_test"]), arith.problems("val", w["n_val"])
     cfg = GenerateConfig(k=w["k"], max_new_tokens=w["max_new_tokens"], temperature=1.0,
                          top_p=0.95, seed=5, max_batch_rows=w["max_batch_rows"],
+                         continuous_batching=w["continuous_batching"],
                          segmenter="fixed", segmenter_options={"n": 4})
     inflight = evaluate_held_out(model, tok, ParityJudge(), test, test_config=cfg,
                                  val_problems=val, seed=3, n_boot=50)

@@ -65,8 +65,9 @@ def _same_trajectories(a, b, bound, what):
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_a_problems_samples_do_not_depend_on_its_batch(tok, model, eos_model, temperature,
                                                        head_mode):
-    """Three problems in one batch (left-padded), one per batch (max_batch_rows = k) and
-    the per-problem chunked path (max_batch_rows = 0): the same token ids, step
+    """Three problems in one batch, one at a time (max_batch_rows = k), two in flight
+    with the third joining when rows end (2k: continuous batching refills) and the
+    per-problem chunked path (max_batch_rows = 0): the same token ids, step
     positions and (within rounding) step scores and token stats for every problem.
     Sampling uses the EOS-prone model (rows retire mid-batch); greedy the step-prone one."""
     k = 1 if temperature == 0 else 4
@@ -76,13 +77,13 @@ def test_a_problems_samples_do_not_depend_on_its_batch(tok, model, eos_model, te
               segmenter_options={"n": 3})
     runs = {rows: generate_best_of_n(m, tok, probs(), FakeTask(),
                                      GenerateConfig(**kw, max_batch_rows=rows))
-            for rows in (0, k, 3 * k)}
+            for rows in (0, k, 2 * k, 3 * k)}
     assert engine.plan_batches([k] * 3, 3 * k) == [[0, 1, 2]]
     for i, p in enumerate(PROMPTS):
         pids = tok(p)["input_ids"]
         seqs = [pids + t.token_ids for t in runs[0][i].trajectories]
         bound = score_bound(m, seqs)
-        for rows in (k, 3 * k):
+        for rows in (k, 2 * k, 3 * k):
             _same_trajectories(runs[rows][i].trajectories, runs[0][i].trajectories, bound,
                                f"problem {i}, max_batch_rows={rows}")
     all_t = [t for ps in runs[3 * k] for t in ps.trajectories]

@@ -138,6 +138,17 @@ def test_generate_and_probe_configs_check_step_options_at_load():
         ProbeConfig(segmenter="paragraf")
 
 
+def test_generate_config_continuous_batching_is_a_bool():
+    from metastone_lab.generate_config import GenerateConfig
+
+    assert GenerateConfig().continuous_batching is True
+    assert from_dict(GenerateConfig, {"continuous_batching": False}).continuous_batching is False
+    with pytest.raises(ConfigError, match="continuous_batching"):
+        from_dict(GenerateConfig, {"continuous_batching": "yes"})
+    with pytest.raises(ConfigError, match="continuous_batching"):
+        GenerateConfig(continuous_batching=1)
+
+
 def test_train_config_checks_step_options_at_load():
     from metastone_lab.train import TrainConfig
 

@@ -89,3 +89,52 @@ def test_reserved_layer_select_out_of_order_falls_back_to_index_select():
     assert torch.equal(res.keys, k0[[3, 0, 0]]) and torch.equal(res.values, v0[[3, 0, 0]])
     res.batch_select_indices(torch.tensor([2]))
     assert torch.equal(res.keys, k0[[0]]) and res.capacity == 5
+
+
+def _filled(layer, n=5):
+    layer.update(torch.zeros(1, 2, n, 4), torch.zeros(1, 2, n, 4))
+    return layer
+
+
+def test_ring_template_takes_dynamic_and_wide_sliding_window_layers_only():
+    from transformers.cache_utils import DynamicSlidingWindowLayer, StaticLayer
+
+    cache = DynamicCache()
+    cache.layers[:] = [_filled(DynamicLayer()), _filled(DynamicSlidingWindowLayer(16))]
+    assert kv_cache.ring_template(cache, 16) == cache.layers
+    assert kv_cache.ring_template(cache, 17) is None        # the window would cut a row
+    cache.layers[:] = [StaticLayer(max_cache_len=16)]
+    assert kv_cache.ring_template(cache, 8) is None
+    assert kv_cache.ring_template(DynamicCache(), 8) is None  # nothing prefilled
+
+
+def test_a_ring_attends_like_a_dynamic_cache_whatever_the_column_order():
+    """One prompt written at the ring's wrapped columns (around the end of the buffer),
+    then decoded: the same logits as the plain DynamicCache path (positions are in
+    the keys, the per-row mask picks the columns)."""
+    model = _tiny_llama()
+    prompt, nxt = [5, 9, 11, 30, 31], [7, 8, 20]
+    state, _ = sampling.prefill(model, [prompt])
+    ring = kv_cache.Ring(width=12)
+    ring.col = 2                                   # the prompt wraps: columns 9, 10, 11, 0, 1
+    layers = kv_cache.ring_template(state.cache, 12)
+    rings = kv_cache.ring_layers(layers, ring, capacity_rows=2)
+    cols = (ring.col - len(prompt) + torch.arange(len(prompt))) % 12
+    assert cols.tolist() == [9, 10, 11, 0, 1]
+    for rl, la in zip(rings, layers):
+        rl.write_prompt(0, 1, cols, la.keys, la.values)
+    state.cache.layers[:] = rings
+    ring.rows = 1
+    mask = torch.full((2, 12), float("-inf"))
+    mask[0, cols] = 0.0
+    ids = list(prompt)
+    for t, tok in enumerate(nxt):
+        mask[0, ring.col] = 0.0
+        out = model(input_ids=torch.tensor([[tok]]), attention_mask=mask[:1, None, None, :],
+                    position_ids=torch.tensor([[len(prompt) + t]]), use_cache=True,
+                    **{sampling.cache_kwarg(model): state.cache})
+        ring.advance()
+        ids.append(tok)
+        with torch.no_grad():
+            want = model(torch.tensor([ids])).logits[0, -1]
+        assert torch.allclose(out.logits[0, -1], want, atol=1e-5), t

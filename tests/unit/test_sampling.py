@@ -233,3 +233,59 @@ def test_repeated_prompts_are_prefilled_once_and_decode_as_a_padded_batch():
     assert sampling.decode(model, st, **kw).rows() == sampling.decode(model, ref, **kw).rows()
     st = sampling._prefill_rows(model, [[5, 9], [5, 9], [7, 8]], pad_id=0, reserve_tokens=4)
     assert st.logits.shape[0] == 3                     # unequal runs: one padded prefill
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2)])
+@pytest.mark.parametrize("feed_last", [False, True])
+def test_decode_stream_refills_ended_rows_and_each_prompt_decodes_as_alone(heads, kv_heads,
+                                                                           feed_last):
+    """Continuous batching: six prompts of three lengths through room for two prompts'
+    rows at a time (a ring cache of width max prompt + T + 1). Each prompt's rows get
+    exactly the tokens they get decoded alone with decode(), prompts join while other
+    prompts' rows are still decoding, and every slot a row leaves goes to a joining row
+    (at most max_rows slots are ever named)."""
+    model = tiny_llama(eos=1, heads=heads, kv_heads=kv_heads)
+    boost = torch.zeros(40)
+    boost[1] = 2.5                         # EOS likely enough that rows end mid-stream
+    model.lm_head.register_forward_hook(lambda mod, inp, out: out + boost)
+    prompts = [[5, 9, 11, 30, 31], [7, 8], [20, 3, 4], [6, 6, 6, 6], [9], [12, 13, 14]]
+    T, r = 9, 3
+    kw = dict(max_new_tokens=T, eos={1}, pad_id=0, temperature=1.0, top_p=0.9)
+    want = [_alone(model, p, r, torch.Generator().manual_seed(10 + i), **kw)
+            for i, p in enumerate(prompts)]
+    joined, finished, active_at_join, left, named = [], {}, [], [], set()
+
+    def entries():
+        for i, p in enumerate(prompts):
+            st = sampling.prefill(model, [p])[0]
+            yield sampling.Joining(st, r, torch.Generator().manual_seed(10 + i))
+
+    def on_join(g, slots):
+        named.update(slots.tolist())
+        joined.append(g)
+        active_at_join.append(sum(1 for x in joined[:-1] if x not in finished))
+
+    def on_finish(g, dec):
+        finished[g] = dec.rows()
+
+    sampling.decode_stream(model, entries(), max_rows=2 * r,
+                           width=max(map(len, prompts)) + T + 1, feed_last=feed_last,
+                           on_join=on_join, on_leave=lambda g, j, s: left.append((g, j, s)),
+                           on_finish=on_finish, **kw)
+    assert named == set(range(2 * r))
+    assert sorted((g, j) for g, j, _ in left) == [(g, j) for g in range(len(prompts))
+                                                  for j in range(r)]
+    assert joined == list(range(len(prompts))) and sorted(finished) == joined
+    for i in range(len(prompts)):
+        assert finished[i] == want[i], i
+    assert max(active_at_join[2:]) >= 1, "no prompt joined while another was decoding"
+    lens = {len(row) for rows in want for row in rows}
+    assert len(lens) > 1 and min(lens) < T, "rows all ran to max_new_tokens: test is vacuous"
+
+
+def test_decode_stream_rejects_a_prompt_wider_than_its_ring():
+    model = tiny_llama()
+    st = sampling.prefill(model, [[5, 6, 7, 8]])[0]
+    with pytest.raises(ValueError, match="does not fit the ring's width 8"):
+        sampling.decode_stream(model, [sampling.Joining(st, 2)], max_rows=2, width=8,
+                               max_new_tokens=4, eos={1}, pad_id=0, on_finish=lambda g, d: None)

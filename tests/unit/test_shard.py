@@ -107,8 +107,8 @@ def test_a_failure_on_one_process_raises_on_every_process(monkeypatch):
 def test_a_shard_samples_what_its_problems_sample_in_the_full_run():
     """Problems [2, 3] of five, sampled alone with their global indices, get exactly the
     trajectories they get in the full run: the same generators (seed * 1_000_003 + global
-    index) on the same batch (max_batch_rows = 2k: batches [0, 1], [2, 3], [4]) through
-    the same kernels, hence bit-identical. Their local indices
+    index) on the same batch (fixed batches, max_batch_rows = 2k: batches [0, 1], [2, 3],
+    [4]) through the same kernels, hence bit-identical. Their local indices
     (0, 1) give other samples. Trajectories and task Problems pickle (what a gather sends)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
     from test_generate import FakeTask, make_model, make_tokenizer
@@ -120,7 +120,8 @@ def test_a_shard_samples_what_its_problems_sample_in_the_full_run():
     model = make_model(tok)
     problems = get_task("arith", n_train=0, n_val=0, n_test=5, n_ood=0).problems("test", 5)
     assert pickle.loads(pickle.dumps(problems)) == problems
-    cfg = GenerateConfig(k=4, max_new_tokens=10, temperature=1.0, seed=2, max_batch_rows=8)
+    cfg = GenerateConfig(k=4, max_new_tokens=10, temperature=1.0, seed=2, max_batch_rows=8,
+                         continuous_batching=False)
     full = generate_best_of_n(model, tok, problems, FakeTask(), cfg)
     part = generate_best_of_n(model, tok, problems[2:4], FakeTask(), cfg, indices=[2, 3])
     local = generate_best_of_n(model, tok, problems[2:4], FakeTask(), cfg)
@@ -135,3 +136,31 @@ def test_a_shard_samples_what_its_problems_sample_in_the_full_run():
     assert [[dataclasses.asdict(t) for t in ps.trajectories] for ps in back] == want
     with pytest.raises(ConfigError, match="1 indices for 2 problems"):
         generate_best_of_n(model, tok, problems[:2], FakeTask(), cfg, indices=[0])
+
+
+def test_a_continuous_shard_samples_its_problems_tokens_in_the_full_run():
+    """With continuous batching (the default) a problem's batch-mates depend on the other
+    problems' lengths, so only its tokens, steps and labels are promised equal between
+    a shard and the full run; its scores agree within float rounding."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+    from test_generate import FakeTask, make_model, make_tokenizer
+
+    from metastone_lab.generate import GenerateConfig, generate_best_of_n
+    from metastone_lab.tasks import get_task
+
+    tok = make_tokenizer()
+    model = make_model(tok)
+    problems = get_task("arith", n_train=0, n_val=0, n_test=5, n_ood=0).problems("test", 5)
+    cfg = GenerateConfig(k=4, max_new_tokens=10, temperature=1.0, seed=2, max_batch_rows=8)
+    assert cfg.continuous_batching
+    full = generate_best_of_n(model, tok, problems, FakeTask(), cfg)
+    part = generate_best_of_n(model, tok, problems[2:4], FakeTask(), cfg, indices=[2, 3])
+    n_steps = 0
+    for a, b in zip(part, full[2:4]):
+        assert [t.token_ids for t in a.trajectories] == [t.token_ids for t in b.trajectories]
+        for t, u in zip(a.trajectories, b.trajectories):
+            assert (t.step_positions, t.correct) == (u.step_positions, u.correct)
+            assert t.step_scores == pytest.approx(u.step_scores, abs=1e-4)
+            assert t.token_logprobs == pytest.approx(u.token_logprobs, abs=1e-4)
+            n_steps += t.n_steps
+    assert n_steps > 0
