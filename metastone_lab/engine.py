@@ -147,10 +147,7 @@ def decode_stream(model: Any, prompts: Sequence[Sequence[int]], cfg: GenerateCon
     score, T = cfg.score, cfg.max_new_tokens
     k = cfg.k if rows_per_prompt is None else int(rows_per_prompt)
     R = cfg.batch_rows if max_rows is None else int(max_rows)
-    if k > R:
-        raise ConfigError(f"GenerateConfig.max_batch_rows={R} is smaller than one problem's "
-                          f"k={k} rows; set max_batch_rows >= {k}, or 0 for one problem per "
-                          f"batch")
+    plan_batches([k], R)                          # a budget below k: the error names both
     if not prompts:
         return
     lens = [len(p) for p in prompts]
@@ -190,8 +187,6 @@ def decode_stream(model: Any, prompts: Sequence[Sequence[int]], cfg: GenerateCon
     def on_join(i, slots):
         nonlocal feats
         n = lens[i]
-        rows_of[i] = [None if x is None else x.new_empty((k,) + x.shape[1:])
-                      for x in (head, None, None)]
         plen[slots] = n
         if stat_buf is not None:
             stat_buf[:, slots] = nan
@@ -204,10 +199,9 @@ def decode_stream(model: Any, prompts: Sequence[Sequence[int]], cfg: GenerateCon
                 feats = torch.full((S, W, h.shape[-1]), nan, dtype=h.dtype, device=device)
             feats[slots] = nan
             feats[slots, :n] = h
-        if feats is not None:
-            rows_of[i][1] = feats.new_empty((k,) + feats.shape[1:])              # (k, W, C)
-        if stat_buf is not None:
-            rows_of[i][2] = stat_buf.new_empty((3, k, W))                        # (3, k, W)
+        # where its rows go as they end: (k, W), (k, W, C), (3, k, W)
+        rows_of[i] = [None if x is None else x.new_empty((k,) + x.shape[1:]) for x in (head, feats)]
+        rows_of[i].append(None if stat_buf is None else stat_buf.new_empty((3, k, W)))
 
     def on_leave(i, j, s):
         hd, ft, sb = rows_of[i]

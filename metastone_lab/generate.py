@@ -343,8 +343,6 @@ def generate_best_of_n(model: Any, tokenizer: Any, problems: Sequence[Any], task
         prompts[pi] = ids
     order = list(prompts)
     budget = cfg.batch_rows
-    if budget and order:
-        plan_batches([cfg.k], budget)           # a budget below k: the error names both
     n_tok, done, t_all = 0, 0, time.perf_counter()
     store = PrefixStore()   # prompt blocks shared across this call's problems (prefix_cache)
 
