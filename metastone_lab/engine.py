@@ -274,7 +274,12 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def place_model(model: Any, cfg: GenerateConfig) -> Any:
     """Move / cast ``model`` in place for ``cfg.device`` / ``cfg.dtype`` (``auto`` and
     None leave it as it is, so nothing changes by default). ConfigError for
-    ``device: cuda`` on a machine without CUDA."""
+    ``device: cuda`` on a machine without CUDA.
+
+    ``dtype`` casts the backbone; a reflective model's scoring head stays as it is
+    (float32 as built): the head reads the backbone's features cast to its own dtype
+    (``head_logits``), so step scores keep float32 resolution and k trajectories do not
+    tie on bfloat16's 8-bit mantissa."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("GenerateConfig.device: cuda, but CUDA is not available on this "
                           "machine (torch.cuda.is_available() is False); use device: cpu or "
@@ -284,9 +289,13 @@ def place_model(model: Any, cfg: GenerateConfig) -> Any:
     p = next(iter(model.parameters()), None)
     if p is None:
         return model
-    if (target is not None and p.device.type != target.type) or (
-            dtype is not None and p.dtype != dtype):
-        model.to(device=target, dtype=dtype)
+    if target is not None and p.device.type != target.type:
+        model.to(device=target)
+    backbone = getattr(model, "backbone", None) if hasattr(model, "head") else None
+    body = backbone if isinstance(backbone, torch.nn.Module) else model
+    q = next(iter(body.parameters()), None)
+    if dtype is not None and q is not None and q.dtype != dtype:
+        body.to(dtype=dtype)
     return model
 
 

@@ -22,8 +22,6 @@ waiting prompts take their place, under a per-row mask.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Any
 
 import torch
@@ -267,28 +265,5 @@ def ring_layers(template: list, ring: Ring, capacity_rows: int) -> list[RingLaye
     return rings
 
 
-@contextlib.contextmanager
-def cpu_masked_gqa(device: torch.device):
-    """On CPU, have transformers' SDPA attention run grouped-query heads with
-    ``enable_gqa=True`` under a mask (its ``TRANSFORMERS_SDPA_FORCE_GQA`` switch, read
-    at every call) for the duration, then restore the variable. With the ring cache's
-    4-D mask its default packs the query heads instead, which measured ~14% slower on
-    SmolLM2 (48 problems x k 8 at 2 threads: 67.3 / 68.2 s vs 77.4 / 79.3 s, the same
-    tokens). On CUDA masked GQA falls back to the math kernel, so nothing is set there."""
-    if device.type != "cpu":
-        yield
-        return
-    key = "TRANSFORMERS_SDPA_FORCE_GQA"
-    old = os.environ.get(key)
-    os.environ[key] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
-
-
 __all__ = ["ReservedLayer", "Ring", "RingLayer", "compact_rows", "plain_layers", "reserve",
-           "ring_layers", "ring_template", "cpu_masked_gqa"]
+           "ring_layers", "ring_template"]

@@ -54,6 +54,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from . import kv_cache
+from .decode_attention import decode_attention
 from .errors import ConfigError
 from .stream_hooks import (Joining, OnFed, OnFinish, OnJoin, OnLeave,  # noqa: F401
                            OnSampled)
@@ -487,7 +488,7 @@ def decode_stream(model: Any, joining: Iterable[Joining], *, max_rows: int, widt
                 on_finish(g, out_of.pop(g))
 
     g_next = 0
-    with kv_cache.cpu_masked_gqa(device):
+    with decode_attention(device, dtype):
         while True:
             while pending is not None and ring.rows + pending.rows <= max_rows:
                 layers = (first if g_next == 0

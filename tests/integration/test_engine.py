@@ -180,7 +180,9 @@ def test_dtype_bfloat16_runs(tok):
     m = make_model(tok, seed=4)
     out = generate_best_of_n(m, tok, probs()[:2], None,
                              GenerateConfig(k=2, max_new_tokens=6, dtype="bfloat16", device="cpu"))
-    assert next(m.parameters()).dtype == torch.bfloat16
+    assert next(m.backbone.parameters()).dtype == torch.bfloat16
+    # the head keeps float32: scores of bfloat16 features at float32 resolution
+    assert {p.dtype for p in m.head.parameters()} == {torch.float32}
     assert all(len(ps.trajectories) == 2 for ps in out)
 
 

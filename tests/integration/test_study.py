@@ -52,6 +52,36 @@ def test_summary_never_invents_missing_k(micro, tmp_path):
     assert len(ev.test) == 3 and all(len(p.trajectories) == 4 for p in ev.test)
 
 
+def test_bfloat16_study_trains_and_scores_with_a_float32_head(micro, tmp_path):
+    import math
+
+    import torch
+
+    cfg = _cfg(micro, tmp_path, dtype="bfloat16")
+    model, tok = study.prepare_backbone(cfg)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    trained = study.train_reflective(cfg, model, tok)
+    assert next(trained.model.backbone.parameters()).dtype == torch.bfloat16
+    assert {p.dtype for p in trained.model.head.parameters()} == {torch.float32}
+    ev = study.evaluate_tts(cfg, trained, tok, log=False)
+    assert sum(len(p.trajectories) for p in ev.test) == 12
+    steps = [x for p in ev.test for t in p.trajectories for x in t.step_scores]
+    assert steps and all(math.isfinite(x) and 0 < x < 1 for x in steps)
+    # a float32 run is another training identity and another rollout-cache key
+    f32 = _cfg(micro, tmp_path)
+    assert "dtype" in cfg.train_identity() and "dtype" not in f32.train_identity()
+    assert study.cache_content(cfg) != study.cache_content(f32)
+    assert "dtype" not in study.cache_content(f32)["study"]
+
+
+def test_half_precision_refuses_a_mode_that_trains_the_policy():
+    with pytest.raises(ConfigError, match=r"trains the policy.*dtype: null"):
+        study.load_study_config({"dtype": "bfloat16", "train_mode": "joint"})
+    with pytest.raises(ConfigError, match="StudyConfig.dtype must be"):
+        study.load_study_config({"dtype": "fp8"})
+    assert study.load_study_config({"dtype": "float32", "train_mode": "joint"}).dtype == "float32"
+
+
 def test_separate_prm_scores_come_from_the_external_prm(micro, tmp_path):
     """separate_prm: the policy's own head is untrained; trajectory scores must be
     the external PRM's (re-forward scores), not the policy head's."""
