@@ -12,7 +12,8 @@ its loop in. On CPU it
   one-token queries with :func:`grouped_decode_attention`: torch's CPU flash kernel
   is ~4x slower in bfloat16 than in float32 at these shapes (measured 25.3 vs 5.8 ms
   for 128 rows x 9 heads x 235 columns), while two grouped matmuls in bfloat16 take
-  2.7 ms. Prefill (queries longer than one token) keeps SDPA.
+  2.7 ms. Prefill (queries longer than one token) runs SDPA's float32 kernel on
+  inputs cast up, and casts its output back.
 
 On CUDA nothing is changed (masked GQA falls back to the math kernel there, and the
 flash kernels are fast in half precision). Both switches are restored on exit.
@@ -37,7 +38,8 @@ def grouped_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor
     key/value head grouped instead of the keys repeated.
 
     query (B, H, 1, D); key / value (B, Hk, S, D) with H = g * Hk; attention_mask
-    additive (B, 1, 1, S) or None -> output (B, 1, H, D) (transformers' layout), None.
+    (B, 1, 1, S) additive, or bool (True = attend, transformers' sdpa masks), or None
+    -> output (B, 1, H, D) (transformers' layout), None.
     Scores q.k^T * scaling + mask in the model dtype, softmax in float32 cast back
     (as ``eager_attention_forward``), times the values.
     """
@@ -47,7 +49,9 @@ def grouped_decode_attention(module: Any, query: torch.Tensor, key: torch.Tensor
     scale = D ** -0.5 if scaling is None else scaling
     q = query.reshape(B, Hk, g, D)                                    # (B, Hk, g, D)
     scores = torch.matmul(q, key.transpose(-1, -2)) * scale           # (B, Hk, g, S)
-    if attention_mask is not None:
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask.reshape(B, 1, 1, S), float("-inf"))
+    elif attention_mask is not None:
         scores = scores + attention_mask.reshape(B, 1, 1, S)
     weights = scores.softmax(-1, dtype=torch.float32).to(query.dtype)
     out = torch.matmul(weights, value)                                # (B, Hk, g, D)
@@ -62,8 +66,16 @@ def _usable(query: torch.Tensor, key: torch.Tensor, attention_mask: Any,
     if kwargs.get("dropout", 0.0) or kwargs.get("softcap") is not None \
             or kwargs.get("position_bias") is not None or kwargs.get("s_aux") is not None:
         return False
-    return attention_mask is None or (attention_mask.dtype == query.dtype
+    return attention_mask is None or (attention_mask.dtype in (query.dtype, torch.bool)
                                       and attention_mask.numel() == key.shape[0] * key.shape[2])
+
+
+def param_dtype(module: Any) -> torch.dtype:
+    """The dtype of ``module``'s first floating-point parameter (float32 if none)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
 
 
 @contextlib.contextmanager
@@ -84,6 +96,12 @@ def decode_attention(device: torch.device, dtype: torch.dtype):
             if not args and _usable(query, key, attention_mask, kwargs):
                 return grouped_decode_attention(module, query, key, value, attention_mask,
                                                 scaling=kwargs.get("scaling"))
+            if query.shape[2] > 1:      # prefill: the float32 kernel, cast back
+                mask = (attention_mask.float() if attention_mask is not None
+                        and attention_mask.is_floating_point() else attention_mask)
+                out, weights = sdpa(module, query.float(), key.float(), value.float(), mask,
+                                    *args, **kwargs)
+                return out.to(query.dtype), weights
             return sdpa(module, query, key, value, attention_mask, *args, **kwargs)
 
         ALL_ATTENTION_FUNCTIONS["sdpa"] = attention
@@ -101,4 +119,4 @@ def decode_attention(device: torch.device, dtype: torch.dtype):
                 local.pop("sdpa", None)
 
 
-__all__ = ["decode_attention", "grouped_decode_attention"]
+__all__ = ["decode_attention", "grouped_decode_attention", "param_dtype"]

@@ -54,7 +54,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from . import kv_cache
-from .decode_attention import decode_attention
+from .decode_attention import decode_attention, param_dtype
 from .errors import ConfigError
 from .stream_hooks import (Joining, OnFed, OnFinish, OnJoin, OnLeave,  # noqa: F401
                            OnSampled)
@@ -280,8 +280,9 @@ def prefill(model: Any, prompts: Sequence[Sequence[int]], *, pad_id: int = 0,
         raise ValueError("prefill(cache=...) continues rows of one length; got prompt lengths "
                          f"{sorted({len(p) for p in prompts})}")
     ids, attn, pos = pad_left(prompts, pad_id, device)
-    out = backbone(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
-                   output_hidden_states=output_hidden_states, logits_to_keep=1)
+    with decode_attention(ids.device, param_dtype(backbone)):
+        out = backbone(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                       output_hidden_states=output_hidden_states, logits_to_keep=1)
     return State(output_cache(out), out.logits[:, -1, :], attn, pos[:, -1:]), out
 
 
@@ -329,45 +330,46 @@ def decode(model: Any, state: State, *, max_new_tokens: int, eos: set[int], pad_
 
     grouped = groups is not None and temperature > 0   # greedy draws nothing: one call
     grp_all = groups.to(device) if grouped else None
-    for t in range(T):
-        if grouped:
-            nxt, top = draw_by_group(logits, grp_all[rows], temperature, top_p, generators)
-        else:
-            nxt, top = sample_next_with_top(logits, temperature, top_p, generator)  # (rows,)
-        if on_token is not None:
-            on_token(t, rows, nxt, logits, top)
-        tokens[rows, t] = nxt
-        done = torch.isin(nxt, eos_t) if eos_t is not None else torch.zeros_like(nxt, dtype=torch.bool)
-        if done.any():
-            lengths[rows[done]] = t + 1
-            hit_max[rows[done]] = False
-        last = t == T - 1
-        if last and not feed_last:
-            break
-        # feed the unfinished rows (all rows once more when their final token is read)
-        keep = torch.ones_like(done) if (feed_last or last) else ~done
-        if not keep.any():
-            break
-        if not keep.all():
-            keep_rows(keep)
-            nxt, done = nxt[keep], done[keep]
-        extra = {}
-        if attn is not None:                       # left-padded: explicit mask and positions
-            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=-1)
-            pos = pos + 1
-            extra = {"attention_mask": attn, "position_ids": pos}
-        out = backbone(input_ids=nxt[:, None], use_cache=True,
-                       output_hidden_states=output_hidden_states, **extra, **{cache_kw: cache})
-        if on_forward is not None:
-            on_forward(t, rows, out)
-        if last:
-            break
-        logits, cache = out.logits[:, -1, :], output_cache(out)
-        del out
-        if feed_last and done.any():               # fed their final token; drop them now
-            if bool(done.all()):
+    with decode_attention(device, param_dtype(backbone)):
+        for t in range(T):
+            if grouped:
+                nxt, top = draw_by_group(logits, grp_all[rows], temperature, top_p, generators)
+            else:
+                nxt, top = sample_next_with_top(logits, temperature, top_p, generator)  # (rows,)
+            if on_token is not None:
+                on_token(t, rows, nxt, logits, top)
+            tokens[rows, t] = nxt
+            done = torch.isin(nxt, eos_t) if eos_t is not None else torch.zeros_like(nxt, dtype=torch.bool)
+            if done.any():
+                lengths[rows[done]] = t + 1
+                hit_max[rows[done]] = False
+            last = t == T - 1
+            if last and not feed_last:
                 break
-            keep_rows(~done)
+            # feed the unfinished rows (all rows once more when their final token is read)
+            keep = torch.ones_like(done) if (feed_last or last) else ~done
+            if not keep.any():
+                break
+            if not keep.all():
+                keep_rows(keep)
+                nxt, done = nxt[keep], done[keep]
+            extra = {}
+            if attn is not None:                       # left-padded: explicit mask and positions
+                attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=-1)
+                pos = pos + 1
+                extra = {"attention_mask": attn, "position_ids": pos}
+            out = backbone(input_ids=nxt[:, None], use_cache=True,
+                           output_hidden_states=output_hidden_states, **extra, **{cache_kw: cache})
+            if on_forward is not None:
+                on_forward(t, rows, out)
+            if last:
+                break
+            logits, cache = out.logits[:, -1, :], output_cache(out)
+            del out
+            if feed_last and done.any():               # fed their final token; drop them now
+                if bool(done.all()):
+                    break
+                keep_rows(~done)
     return Decoded(tokens, lengths, hit_max)
 
 

@@ -50,12 +50,27 @@ def test_context_swaps_sdpa_only_for_half_precision_on_cpu():
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
 
 
-def test_half_precision_prefill_still_goes_to_sdpa():
-    """Queries longer than one token (prefill) are not this kernel's: sdpa computes them."""
-    q = torch.randn(2, 4, 3, 8, dtype=torch.bfloat16)
-    k = torch.randn(2, 2, 3, 8, dtype=torch.bfloat16)
+def test_bool_mask_equals_the_additive_mask():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(3, 4, 1, 8, generator=g), torch.randn(3, 2, 6, 8, generator=g)
+    keep = torch.ones(3, 1, 1, 6, dtype=torch.bool)
+    keep[1, ..., :2] = False
+    add = torch.zeros(3, 1, 1, 6).masked_fill(~keep, float("-inf"))
+    a, _ = grouped_decode_attention(None, q, k, k, keep, scaling=0.3)
+    b, _ = grouped_decode_attention(None, q, k, k, add, scaling=0.3)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mask", [None, "bool"])
+def test_half_precision_prefill_is_sdpa_in_float32_cast_back(mask):
+    """Queries longer than one token (prefill) are not the grouped kernel's: sdpa's
+    float32 kernel computes them (causal when the mask is None)."""
+    q = torch.randn(2, 4, 3, 8).to(torch.bfloat16)
+    k = torch.randn(2, 2, 3, 8).to(torch.bfloat16)
+    m = None if mask is None else torch.ones(2, 1, 3, 3, dtype=torch.bool).tril()
     before = ALL_ATTENTION_FUNCTIONS["sdpa"]
     with decode_attention(torch.device("cpu"), torch.bfloat16):
-        out, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](_Attn(2), q, k, k, None, scaling=0.35)
-    want, _ = before(_Attn(2), q, k, k, None, scaling=0.35)
-    torch.testing.assert_close(out, want)
+        out, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](_Attn(2), q, k, k, m, scaling=0.35)
+    want, _ = before(_Attn(2), q.float(), k.float(), k.float(), m, scaling=0.35)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want.to(torch.bfloat16), rtol=0, atol=0)
