@@ -25,6 +25,9 @@ time, steadier on a shared machine; both are in ``seconds``):
   2 x parameters FLOPs per token; ``roofline_fraction`` = tokens_per_s / it;
 * ``peak_rss_gib``: peak RSS after the batched engine's first run, before the
   baselines run.
+
+``--dtype bfloat16`` casts the backbone for every path (the head stays float32);
+the roofline's matmuls then run in that dtype too.
 """
 from __future__ import annotations
 
@@ -60,6 +63,9 @@ def engine_parser() -> argparse.ArgumentParser:
                    help="step segmenter (paragraph works with every tokenizer; SmolLM2's "
                         "splits the reference marker)")
     p.add_argument("--skip-hf", action="store_true", help="skip the HF generate baseline")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="cast the backbone to this dtype for every path and the roofline "
+                        "(default: as loaded); the scoring head stays float32")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="clock of every figure: wall or process CPU time")
     return p
@@ -111,6 +117,8 @@ def run_engine_bench(args: argparse.Namespace, log: Callable[[str], None] = prin
     torch.manual_seed(args.seed)
     lm, tok = _load(args.backbone)
     lm.eval()
+    if getattr(args, "dtype", None):
+        lm.to(dtype=getattr(torch, args.dtype))
     model = ReflectiveModel(lm).eval()
     prompt_ids = [G.encode_prompt(tok, p.prompt)
                   for p in get_task("arith").problems("test", args.problems)]
@@ -128,7 +136,7 @@ def run_engine_bench(args: argparse.Namespace, log: Callable[[str], None] = prin
     aggs = G._aggregators(cfg_score)
     log(f"bench engine: backbone={args.backbone} problems={N} k={k} max_new_tokens={T} "
         f"batch_rows={rows} batches={len(batches)} threads={torch.get_num_threads()} "
-        f"repeats={args.repeats} clock={args.clock}")
+        f"repeats={args.repeats} clock={args.clock} dtype={next(lm.parameters()).dtype}")
 
     def gens(idx):
         return [G.problem_generator(args.seed, i) for i in idx]
@@ -198,7 +206,7 @@ def run_engine_bench(args: argparse.Namespace, log: Callable[[str], None] = prin
         "roofline_tokens_per_s": round(roof, 1),
         "roofline_fraction": r4(rate["engine_scored"] / roof),
         "peak_rss_gib": round(peak, 4),
-        "clock": c, "backbone": args.backbone, "problems": N, "k": k, "max_new_tokens": T,
+        "clock": c, "backbone": args.backbone, "dtype": str(dtype).removeprefix("torch."), "problems": N, "k": k, "max_new_tokens": T,
         "batch_rows": rows, "batches": len(batches), "threads": torch.get_num_threads(),
         "repeats": args.repeats, "warmup": args.warmup, "params": n_params,
         "matmul_gflop_per_s": round(flops / t["matmul"][c] / 1e9, 3),

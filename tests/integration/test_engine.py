@@ -186,16 +186,19 @@ def test_dtype_bfloat16_runs(tok):
     assert all(len(ps.trajectories) == 2 for ps in out)
 
 
-def test_bench_engine_cli_prints_json_last(capsys):
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_bench_engine_cli_prints_json_last(capsys, dtype):
     import json
 
     pytest.importorskip("metastone_lab.backbones.build")
     from metastone_lab.cli import main
 
     rc = main(["bench", "engine", "--backbone", "random-small", "--problems", "3", "--k", "2",
-               "--max-new-tokens", "3", "--repeats", "1", "--warmup", "0", "--batch-rows", "4"])
+               "--max-new-tokens", "3", "--repeats", "1", "--warmup", "0", "--batch-rows", "4"]
+              + (["--dtype", dtype] if dtype else []))
     assert rc == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["dtype"] == (dtype or "float32")
     for key in ("tokens_per_s", "per_problem_tokens_per_s", "hf_tokens_per_s",
                 "speedup_vs_per_problem", "speedup_vs_hf", "scoring_overhead",
                 "roofline_tokens_per_s", "roofline_fraction", "peak_rss_gib"):
