@@ -27,7 +27,10 @@ time, steadier on a shared machine; both are in ``seconds``):
   baselines run.
 
 ``--dtype bfloat16`` casts the backbone for every path (the head stays float32);
-the roofline's matmuls then run in that dtype too.
+the roofline's matmuls then run in that dtype too. ``--device`` (``auto``: CUDA when
+present) places the model and the roofline's matmuls; on CUDA every timed run ends
+with ``torch.cuda.synchronize()`` and ``peak_gpu_gib`` (``max_memory_allocated``) is
+added beside ``peak_rss_gib``; the JSON is otherwise the same.
 """
 from __future__ import annotations
 
@@ -66,6 +69,8 @@ def engine_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="cast the backbone to this dtype for every path and the roofline "
                         "(default: as loaded); the scoring head stays float32")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where every path runs: auto (CUDA when present, else CPU), cpu, cuda")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="clock of every figure: wall or process CPU time")
     return p
@@ -82,13 +87,15 @@ def linear_shapes(config: Any) -> list[tuple[int, int, int]]:
     return [(C, C, 2 * L), (C, kv, 2 * L), (C, I, 2 * L), (I, C, L), (C, V, 1)]
 
 
-def make_matmul_probe(config: Any, rows: int, dtype: Any) -> tuple[Callable[[], None], float]:
+def make_matmul_probe(config: Any, rows: int, dtype: Any,
+                      device: Any = "cpu") -> tuple[Callable[[], None], float]:
     """A function running each decode-shaped matmul ((rows, in) x (in, out), one of
     every distinct shape, ``count`` times) and the FLOPs it does (2 rows in out each)."""
     import torch
 
     shapes = linear_shapes(config)
-    xs = {(i, o): (torch.randn(rows, i, dtype=dtype), torch.randn(i, o, dtype=dtype))
+    xs = {(i, o): (torch.randn(rows, i, dtype=dtype, device=device),
+                   torch.randn(i, o, dtype=dtype, device=device))
           for i, o, _ in shapes}
     flops = float(sum(2 * rows * i * o * n for i, o, n in shapes))
 
@@ -115,11 +122,14 @@ def run_engine_bench(args: argparse.Namespace, log: Callable[[str], None] = prin
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    device = resolve_device(getattr(args, "device", "cpu"))
     lm, tok = _load(args.backbone)
     lm.eval()
+    lm.to(device=device)
     if getattr(args, "dtype", None):
         lm.to(dtype=getattr(torch, args.dtype))
-    model = ReflectiveModel(lm).eval()
+    model = ReflectiveModel(lm).eval().to(device)   # the head follows (float32)
+    cuda = device.type == "cuda"
     prompt_ids = [G.encode_prompt(tok, p.prompt)
                   for p in get_task("arith").problems("test", args.problems)]
     k, T, N = args.k, args.max_new_tokens, len(prompt_ids)
@@ -136,7 +146,8 @@ def run_engine_bench(args: argparse.Namespace, log: Callable[[str], None] = prin
     aggs = G._aggregators(cfg_score)
     log(f"bench engine: backbone={args.backbone} problems={N} k={k} max_new_tokens={T} "
         f"batch_rows={rows} batches={len(batches)} threads={torch.get_num_threads()} "
-        f"repeats={args.repeats} clock={args.clock} dtype={next(lm.parameters()).dtype}")
+        f"repeats={args.repeats} clock={args.clock} dtype={next(lm.parameters()).dtype} "
+        f"device={device}")
 
     def gens(idx):
         return [G.problem_generator(args.seed, i) for i in idx]
@@ -164,20 +175,25 @@ def run_engine_bench(args: argparse.Namespace, log: Callable[[str], None] = prin
         torch.manual_seed(args.seed)
         with torch.inference_mode():
             for b in batches:
-                ids, attn, _ = sampling.pad_left([prompt_ids[i] for i in b], pad)
+                ids, attn, _ = sampling.pad_left([prompt_ids[i] for i in b], pad, device)
                 lm.generate(input_ids=ids, attention_mask=attn, do_sample=True,
                             temperature=args.temperature, top_p=args.top_p, top_k=0,
                             num_return_sequences=k, max_new_tokens=T, min_new_tokens=T,
                             pad_token_id=pad)
 
     dtype = next(lm.parameters()).dtype
-    matmul, flops = make_matmul_probe(lm.config, k * len(batches[0]), dtype)
+    matmul, flops = make_matmul_probe(lm.config, k * len(batches[0]), dtype, device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     engine(cfg_score)                       # peak RSS of the engine, before any baseline
     peak = _peak_rss_gib()
+    peak_gpu = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
     fns = {"engine_scored": lambda: engine(cfg_score), "engine_plain": lambda: engine(cfg_plain),
            "per_problem": per_problem, "matmul": matmul}
     if not args.skip_hf:
         fns["hf_generate"] = hf
+    if cuda:   # device work is asynchronous: a timed run ends when the GPU is done
+        fns = {n: synchronized(f, device) for n, f in fns.items()}
     runs = interleaved_runs(fns, args.repeats, args.warmup)
     t = run_medians(runs)
     c = args.clock
@@ -206,12 +222,38 @@ def run_engine_bench(args: argparse.Namespace, log: Callable[[str], None] = prin
         "roofline_tokens_per_s": round(roof, 1),
         "roofline_fraction": r4(rate["engine_scored"] / roof),
         "peak_rss_gib": round(peak, 4),
+        **({"peak_gpu_gib": round(peak_gpu, 4)} if cuda else {}),
+        "device": str(device),
         "clock": c, "backbone": args.backbone, "dtype": str(dtype).removeprefix("torch."), "problems": N, "k": k, "max_new_tokens": T,
         "batch_rows": rows, "batches": len(batches), "threads": torch.get_num_threads(),
         "repeats": args.repeats, "warmup": args.warmup, "params": n_params,
         "matmul_gflop_per_s": round(flops / t["matmul"][c] / 1e9, 3),
         "seconds": {n: {kk: round(vv, 4) for kk, vv in v.items()} for n, v in t.items()},
     }
+
+
+def resolve_device(name: str) -> Any:
+    """``auto``: CUDA when present, else CPU; ``cuda`` without CUDA: ConfigError."""
+    import torch
+
+    from .errors import ConfigError
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("bench engine: --device cuda, but CUDA is not available on this "
+                          "machine; use --device cpu or --device auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def synchronized(fn: Callable[[], Any], device: Any) -> Callable[[], None]:
+    """``fn`` followed by ``torch.cuda.synchronize(device)``."""
+    import torch
+
+    def run() -> None:
+        fn()
+        torch.cuda.synchronize(device)
+    return run
 
 
 def cli_engine(argv: list[str] | None = None) -> int:
@@ -232,4 +274,4 @@ def cli_engine(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["engine_parser", "run_engine_bench", "cli_engine", "linear_shapes",
-           "make_matmul_probe"]
+           "make_matmul_probe", "resolve_device", "synchronized"]

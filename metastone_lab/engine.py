@@ -272,8 +272,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def place_model(model: Any, cfg: GenerateConfig) -> Any:
-    """Move / cast ``model`` in place for ``cfg.device`` / ``cfg.dtype`` (``auto`` and
-    None leave it as it is, so nothing changes by default). ConfigError for
+    """Move / cast ``model`` in place for ``cfg.device`` / ``cfg.dtype``. ``auto`` moves
+    a model on the CPU to CUDA when CUDA is present and otherwise leaves it where it is
+    (so nothing changes for CPU users); dtype None leaves its dtype. ConfigError for
     ``device: cuda`` on a machine without CUDA.
 
     ``dtype`` casts the backbone; a reflective model's scoring head stays as it is
@@ -284,11 +285,13 @@ def place_model(model: Any, cfg: GenerateConfig) -> Any:
         raise ConfigError("GenerateConfig.device: cuda, but CUDA is not available on this "
                           "machine (torch.cuda.is_available() is False); use device: cpu or "
                           "device: auto")
-    target = None if cfg.device == "auto" else torch.device(cfg.device)
     dtype = _DTYPES.get(cfg.dtype) if cfg.dtype else None
     p = next(iter(model.parameters()), None)
     if p is None:
         return model
+    target = None if cfg.device == "auto" else torch.device(cfg.device)
+    if cfg.device == "auto" and p.device.type == "cpu" and torch.cuda.is_available():
+        target = torch.device("cuda")
     if target is not None and p.device.type != target.type:
         model.to(device=target)
     backbone = getattr(model, "backbone", None) if hasattr(model, "head") else None

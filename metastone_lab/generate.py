@@ -452,7 +452,7 @@ def reforward_scores(model: Any, tokenizer: Any, sequences: Sequence[Sequence[in
                     raise ConfigError("reforward_scores: a head with head_inputs="
                                       f"{model.head_inputs!r} reads the response's token stats; "
                                       "pass prompt_lens= (where each response starts)")
-                starts = torch.tensor(list(prompt_lens[b:b + batch_size]))
+                starts = torch.tensor(list(prompt_lens[b:b + batch_size]), device=device)
                 res = model(ids, attention_mask=attn, step_mask=mask, response_start=starts,
                             lookahead=lookahead(cfg.read_at))
             else:

@@ -79,7 +79,8 @@ class GenerateConfig:
     #: earlier prompt of the call (a few-shot or chat prefix) are computed once; 0 = one
     #: forward per prompt, nothing shared
     prefill_block: int = 64
-    #: where the engine runs the model: "auto" (where it is), "cpu" or "cuda"
+    #: where the engine runs the model: "auto" (CUDA when present, else where it is),
+    #: "cpu" or "cuda"
     device: str = "auto"
     #: the engine's model dtype: None (as loaded), "float32", "bfloat16" or "float16"
     dtype: str | None = None

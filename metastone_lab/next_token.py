@@ -70,8 +70,17 @@ def draw(weights: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     """
     cdf = weights.float().cumsum(-1)                                        # (R, V)
     total = cdf[:, -1:]                                                     # (R, 1)
-    u = torch.rand(total.shape, generator=generator, dtype=cdf.dtype, device=cdf.device)
-    return pick_by_cdf(cdf, u)
+    return pick_by_cdf(cdf, uniforms(total.shape, generator, cdf))
+
+
+def uniforms(shape: tuple[int, ...], generator: torch.Generator | None,
+             like: torch.Tensor) -> torch.Tensor:
+    """``shape`` uniform numbers in [0, 1) of ``like``'s dtype and device, drawn from
+    ``generator``'s own device (the engine's per-problem generators are CPU ones, so a
+    seed gives the same numbers on CPU and CUDA) and moved to ``like``'s."""
+    src = like.device if generator is None else generator.device
+    u = torch.rand(shape, generator=generator, dtype=like.dtype, device=src)
+    return u if u.device == like.device else u.to(like.device)
 
 
 def pick_by_cdf(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -105,4 +114,4 @@ def draw_by_group(logits: torch.Tensor, grp: torch.Tensor, temperature: float, t
     return nxt, (torch.cat(tops) if same else None)
 
 
-__all__ = ["sample_next", "sample_next_with_top", "draw", "pick_by_cdf", "draw_by_group"]
+__all__ = ["sample_next", "sample_next_with_top", "draw", "uniforms", "pick_by_cdf", "draw_by_group"]

@@ -485,6 +485,13 @@ def step_mask(
         raise ShapeError(f"input_ids must be a (B, L) tensor, got {shape}; use ids.unsqueeze(0) for one row")
     if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
         raise ShapeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.device.type != "cpu":   # the token tables live on the CPU: mark there
+        on_cpu = (lambda x: x.cpu() if isinstance(x, torch.Tensor) else x)
+        return step_mask(input_ids.cpu(), tokenizer, strategy, span, read_at=read_at,
+                         attention_mask=on_cpu(attention_mask),
+                         response_start=on_cpu(response_start), first_of_run=first_of_run,
+                         skip_after_think=skip_after_think, conclusion=conclusion,
+                         **options).to(input_ids.device)
     B, L = input_ids.shape
     if attention_mask is None:
         valid = torch.ones((B, L), dtype=torch.bool, device=input_ids.device)

@@ -37,7 +37,7 @@ def eos_model(tok):
     m = make_model(tok, seed=1)
     boost = torch.zeros(len(tok))
     boost[tok.eos_token_id] = 2.0     # rows end at different lengths: rows retire mid-batch
-    m.backbone.lm_head.register_forward_hook(lambda mod, inp, out: out + boost)
+    m.backbone.lm_head.register_forward_hook(lambda mod, inp, out: out + boost.to(out.device))
     return m
 
 

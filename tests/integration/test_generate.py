@@ -46,7 +46,7 @@ def make_model(tok, seed=0, max_pos=256, step_bias=2.0):
     bias = torch.zeros(len(tok))   # make step tokens / newlines frequent and EOS rarer
     for w, b in ((".\n\n", step_bias), ("\n\n", 1.0), (".", 1.0), ("<eos>", -1.0)):
         bias[tok.convert_tokens_to_ids(w)] = b
-    lm.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
+    lm.lm_head.register_forward_hook(lambda mod, inp, out: out + bias.to(out.device))
     model = ReflectiveModel(lm)
     with torch.no_grad():   # a head with spread-out logits so a wrong read is visible
         model.head[0].weight.mul_(20.0)
@@ -86,8 +86,9 @@ def score_bound(model, seqs) -> float:
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s)
         attn[i, :len(s)] = 1
+    dev = next(model.parameters()).device
     with torch.no_grad():
-        logits = model(ids, attention_mask=attn).step_logits
+        logits = model(ids.to(dev), attention_mask=attn.to(dev)).step_logits.cpu()
     scale = float(logits[attn.bool()].abs().max())
     cfg = model.backbone.config
     n = llama_terms(cfg, L) + head_terms(cfg.hidden_size, model.head[0].out_features)
