@@ -26,10 +26,38 @@ def token_stats(logits: torch.Tensor, ids: torch.Tensor, topk: int = 20,
     2. ``confidence`` = -(1/k) sum over the top-k tokens of log p, k = ``topk``
        (DeepConf token confidence, Fu et al. 2025; higher = more confident).
 
-    One log_softmax over the vocabulary and one topk, vectorised over rows.
+    One log_softmax over the vocabulary and one topk, vectorised over rows, in
+    blocks of rows of at most :data:`BLOCK_ELEMENTS` logits: every statistic is
+    row-wise, so the blocks give what one call over all rows gives, while the
+    float32 temporaries stay small. (One (128, 49152) float32 temporary per decode
+    step is freed back to the OS by glibc and page-faulted in again at the next:
+    measured on 2 cores, log_softmax of 128 freshly upcast bfloat16 rows took 15 ms,
+    of resident ones 1.7 ms; in the SmolLM2 bfloat16 engine, 16 problems x k=8 x 48
+    tokens, token_stats took 0.84 s of 6.5 s in one piece.)
     ``top_idx`` (..., >= k): indices of the most likely tokens in descending
     order, already known from sampling (:func:`sampling.sample_next_with_top`); then no topk runs.
     """
+    V = logits.shape[-1]
+    lead = logits.shape[:-1]
+    rows = math.prod(lead)
+    block = max(1, BLOCK_ELEMENTS // max(V, 1))
+    if logits.dim() >= 2 and rows > block:
+        flat, fid = logits.reshape(rows, V), ids.reshape(rows)
+        ftop = None if top_idx is None else top_idx.reshape(rows, top_idx.shape[-1])
+        parts = [_token_stats(flat[a:a + block], fid[a:a + block], topk,
+                              None if ftop is None else ftop[a:a + block])
+                 for a in range(0, rows, block)]
+        return torch.cat(parts, dim=1).reshape(3, *lead)
+    return _token_stats(logits, ids, topk, top_idx)
+
+
+#: logits per block of :func:`token_stats` (2 MiB of float32 temporaries)
+BLOCK_ELEMENTS = 1 << 19
+
+
+def _token_stats(logits: torch.Tensor, ids: torch.Tensor, topk: int,
+                 top_idx: torch.Tensor | None) -> torch.Tensor:
+    """:func:`token_stats` in one piece."""
     logp = torch.log_softmax(logits.float(), dim=-1)                   # (..., V)
     V = logp.shape[-1]
     k = min(int(topk), V)

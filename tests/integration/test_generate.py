@@ -367,6 +367,25 @@ def test_token_stats_formulas_by_hand():
     assert torch.allclose(G.token_stats(big, nxt, 20, top), G.token_stats(big, nxt, 20))
 
 
+def test_token_stats_in_row_blocks_equal_one_piece(monkeypatch):
+    """token_stats works in blocks of rows (small float32 temporaries); every stat is
+    row-wise, so blocks of 3 rows (and a ragged last block, 3-D input) give the
+    one-piece values."""
+    from metastone_lab import token_signals
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 7, 50, generator=g) * 4).to(torch.bfloat16)   # (2, 7, V)
+    ids = torch.randint(0, 50, (2, 7), generator=g)
+    top = logits.float().topk(8, dim=-1).indices
+    whole = token_signals._token_stats(logits, ids, 5, top)                  # (3, 2, 7)
+    monkeypatch.setattr(token_signals, "BLOCK_ELEMENTS", 3 * 50)
+    blocked = token_signals.token_stats(logits, ids, 5, top)
+    assert blocked.shape == (3, 2, 7)
+    assert torch.allclose(blocked, whole, rtol=0, atol=1e-6)
+    assert torch.allclose(token_signals.token_stats(logits[0], ids[0], 5), whole[:, 0],
+                          rtol=0, atol=1e-6)
+
+
 def test_trajectory_signals_windows_and_empty():
     s = G.trajectory_signals([-1.0, -3.0], [0.5, 1.5], [1.0, 2.0], window=16)
     assert s == {"mean_logprob": -2.0, "self_certainty": 1.0, "deepconf": 1.5}  # one group
